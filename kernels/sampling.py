@@ -1,0 +1,148 @@
+"""Token sampling: penalties, temperature, top-k, top-p, min-p, seeded Gumbel-max, logprobs.
+
+For one row with logits ℓ (after penalties), temperature T > 0:
+    z = ℓ / T;   p = softmax(z)
+    top-k:  keep z ≥ (k-th largest z)                     (k = 0: off)
+    top-p:  renormalize over kept; keep p ≥ τ, τ the largest value with Σ_{p ≥ τ} p ≥ top_p
+    min-p:  keep p ≥ min_p · max p
+    token = argmax over kept of (z + G),  G = −log(−log U)  (Gumbel-max ≡ sampling from p)
+T = 0 (or k = 1) is greedy: argmax ℓ. U is counter-based: U = hash(seed, position, token id), so a
+seeded request gets the same tokens whatever else shares its batch, and no RNG state is kept.
+The hash is murmur3's 32-bit finalizer (fmix32) in wrapping uint32 arithmetic, identical in torch and
+Triton. Logprobs are log-softmax of the raw model logits (before penalties and temperature).
+Gumbel-max trick: https://arxiv.org/abs/1411.0030 (Maddison et al., A* sampling)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h · c) mod 2³² for int64 tensors holding uint32 values, without int64 overflow."""
+    lo = (h & 0xFFFF) * c
+    hi = ((h >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & MASK32
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h & MASK32
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B] int64 seeds (two's complement of the uint64 seed) and positions → [B] uint32 keys."""
+    s = seeds.long()
+    key = fmix32((s & MASK32) ^ GOLDEN)
+    key = fmix32(key ^ ((s >> 32) & MASK32))
+    return fmix32(key ^ (positions.long() & MASK32))
+
+
+def uniform_ref(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] fp32 in (0, 1): U(seed, position, token)."""
+    key = row_keys(seeds, positions)  # [B]
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    r = fmix32(fmix32(key[:, None] ^ tok[None, :]))
+    return ((r >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def seed_to_int64(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def apply_penalties_ref(
+    logits: torch.Tensor,  # [B, V] fp32, modified copy returned
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    presence: Sequence[float],
+    frequency: Sequence[float],
+    repetition: Sequence[float],
+) -> torch.Tensor:
+    """vLLM/OpenAI semantics: repetition over prompt+output (÷ if positive, × if negative);
+    presence and frequency over the output only: ℓ −= presence·[count>0] + frequency·count."""
+    out = logits.clone()
+    vocab = out.shape[1]
+    for b in range(out.shape[0]):
+        outs = torch.tensor(list(output_ids[b]), dtype=torch.long, device=out.device)
+        counts = torch.bincount(outs, minlength=vocab)[:vocab].to(out.dtype)
+        if repetition[b] != 1.0:
+            seen = counts > 0
+            prompt = torch.tensor(list(prompt_ids[b]), dtype=torch.long, device=out.device)
+            seen[prompt] = True
+            row = out[b]
+            row[seen] = torch.where(
+                row[seen] > 0, row[seen] / repetition[b], row[seen] * repetition[b]
+            )
+        out[b] -= presence[b] * (counts > 0).to(out.dtype) + frequency[b] * counts
+    return out
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] fp32, logprob of the chosen token under the raw logits
+    top_ids: torch.Tensor  # [B, N] int64
+    top_logprobs: torch.Tensor  # [B, N] fp32
+
+
+def filter_mask_ref(
+    z: torch.Tensor,  # [B, V] fp32 tempered logits
+    top_k: torch.Tensor,  # [B] int (0 = off)
+    top_p: torch.Tensor,  # [B] fp32
+    min_p: torch.Tensor,  # [B] fp32
+) -> torch.Tensor:
+    """[B, V] bool: tokens still allowed after top-k, top-p and min-p."""
+    vocab = z.shape[1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab)).long()
+    sorted_z, _ = torch.sort(z, dim=-1, descending=True)
+    kth = sorted_z.gather(1, (k - 1)[:, None])  # [B, 1]
+    keep = z >= kth
+    zk = z.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(zk, dim=-1)
+    sorted_p, _ = torch.sort(p, dim=-1, descending=True)
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly ahead in the order
+    in_nucleus = before < top_p[:, None]
+    # τ: the smallest probability inside the nucleus; ties with τ are kept too.
+    tau = sorted_p.masked_fill(~in_nucleus, float("inf")).amin(dim=-1, keepdim=True)
+    keep &= p >= tau
+    keep &= p >= min_p[:, None] * p.amax(dim=-1, keepdim=True)
+    return keep
+
+
+def sample_ref(
+    logits: torch.Tensor,  # [B, V] fp32 (after penalties)
+    temperature: torch.Tensor,  # [B] fp32, 0 = greedy
+    top_k: torch.Tensor,  # [B] int
+    top_p: torch.Tensor,  # [B] fp32
+    min_p: torch.Tensor,  # [B] fp32
+    seeds: torch.Tensor,  # [B] int64
+    positions: torch.Tensor,  # [B] int64: position of the token being sampled
+    num_top_logprobs: int = 0,
+    raw_logits: torch.Tensor | None = None,  # [B, V] for logprobs; defaults to `logits`
+) -> SampleOutput:
+    logits = logits.float()
+    greedy = (temperature <= 0) | (top_k == 1)
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    z = logits / t[:, None]
+    keep = filter_mask_ref(z, top_k, top_p, min_p)
+    u = uniform_ref(seeds, positions, logits.shape[1])
+    gumbel = -torch.log(-torch.log(u))
+    noisy = (z + gumbel).masked_fill(~keep, float("-inf"))
+    tokens = torch.where(greedy, logits.argmax(dim=-1), noisy.argmax(dim=-1))
+    lp = torch.log_softmax((logits if raw_logits is None else raw_logits).float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None]).squeeze(1)
+    n = min(num_top_logprobs, lp.shape[1])
+    top_lp, top_ids = torch.topk(lp, n, dim=-1) if n else (lp[:, :0], tokens[:, None][:, :0])
+    return SampleOutput(tokens, chosen, top_ids, top_lp)

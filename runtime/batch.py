@@ -1,0 +1,55 @@
+"""A StepPlan turned into the tensors one forward pass reads (packed, ragged)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.types import StepPlan
+
+
+@dataclass
+class Batch:
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_ids: torch.Tensor  # [T] int64
+    cu_seqlens: list[int]  # [N+1] query row offsets per sequence
+    seq_slots: list[int]  # [N]
+    seq_start_pos: list[int]  # [N]
+    logits_rows: torch.Tensor  # [M] rows of T whose next token is sampled
+    decode_only: bool  # every sequence feeds exactly one token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+
+def build_batch(plan: StepPlan, device: torch.device | str) -> Batch:
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    cu = [0]
+    rows: list[int] = []
+    for w in plan.work:
+        n = len(w.token_ids)
+        tokens.extend(w.token_ids)
+        positions.extend(range(w.start_pos, w.start_pos + n))
+        slots.extend([w.slot] * n)
+        cu.append(cu[-1] + n)
+        if w.sample:
+            rows.append(cu[-1] - 1)
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+    return Batch(
+        token_ids=as_tensor(tokens),
+        positions=as_tensor(positions),
+        slot_ids=as_tensor(slots),
+        cu_seqlens=cu,
+        seq_slots=[w.slot for w in plan.work],
+        seq_start_pos=[w.start_pos for w in plan.work],
+        logits_rows=as_tensor(rows),
+        decode_only=plan.is_decode_only,
+    )

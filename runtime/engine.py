@@ -1,0 +1,213 @@
+"""Engine: owns the model, its KV cache and the sampler; runs one `StepPlan` at a time.
+
+`Engine.step(plan) -> StepResult` is the only thing the scheduler calls (plain data both ways,
+DESIGN §1). `generate()` is a one-request loop over `step()` for the CLI and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from runtime.batch import build_batch
+from runtime.config import ModelConfig
+from runtime.kv_cache import CacheShape, KVCache
+from runtime.model import Model
+from runtime.sampler import Sampler
+from runtime.types import GREEDY, SampledToken, SamplingParams, SeqWork, StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint directory; None = the built-in tiny random model
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    max_slots: int = 8
+    max_context: int = 2048
+    max_chunk_tokens: int = 512  # longest prefill chunk of one sequence in one step
+    seed: int = 0  # seed of the built-in model's random weights
+    cuda_graphs: bool = True
+    kernels: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        CacheShape(self.max_slots, self.max_context, self.max_chunk_tokens)  # validates
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "length" | "stop"
+    logprobs: tuple[float | None, ...] = ()
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        from runtime.synthetic import builtin_tiny
+        from runtime.weights import load_checkpoint, load_tokenizer
+
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        dtype = DTYPES[config.dtype]
+        t0 = time.perf_counter()
+        if config.model is None:
+            model_config, weights, self.tokenizer = builtin_tiny(
+                device=self.device, dtype=dtype, seed=config.seed
+            )
+        else:
+            weights = load_checkpoint(config.model, device=self.device, dtype=dtype)
+            model_config = weights.config
+            self.tokenizer = load_tokenizer(config.model)
+        self.model_config: ModelConfig = model_config
+        max_context = min(config.max_context, model_config.max_position_embeddings)
+        self.shape = CacheShape(config.max_slots, max_context, config.max_chunk_tokens)
+        self.cache = KVCache(model_config, self.shape, self.device, dtype)
+        self.model = Model(weights, self.cache, max_context, ops=self._ops())
+        self.sampler = Sampler(self.device)
+        log.info(
+            "engine ready: model=%s device=%s dtype=%s slots=%d context=%d kv_cache=%.1f MiB "
+            "kernels=%s load=%.2fs",
+            config.model or "built-in tiny (random weights)", self.device, config.dtype,
+            self.max_slots, self.max_context, self.cache.nbytes() / 2**20, self.model.ops.name,
+            time.perf_counter() - t0,
+        )
+
+    def _ops(self):  # noqa: ANN202 - returns an Ops
+        from runtime.ops import TorchOps
+
+        use_triton = self.config.kernels == "triton" or (
+            self.config.kernels == "auto" and self.device.type == "cuda"
+        )
+        if use_triton:
+            try:
+                from runtime.ops_triton import TritonOps
+            except ImportError as exc:
+                if self.config.kernels == "triton":
+                    raise
+                log.warning("Triton kernels unavailable (%s); using the torch path", exc)
+                return TorchOps()
+            return TritonOps()
+        return TorchOps()
+
+    # ---- facts the scheduler plans with ----------------------------------------------------------
+    @property
+    def max_slots(self) -> int:
+        return self.shape.max_slots
+
+    @property
+    def max_context(self) -> int:
+        return self.shape.max_context
+
+    @property
+    def max_chunk_tokens(self) -> int:
+        return self.shape.max_chunk_tokens
+
+    @property
+    def prefix_reuse_slack(self) -> int:
+        return self.shape.prefix_reuse_slack(self.model_config)
+
+    def warmup(self) -> None:
+        """Runs one tiny step on the dummy slot so first requests don't pay lazy initialisation."""
+        plan = StepPlan((SeqWork(slot=0, token_ids=(0,), start_pos=0, sample=True),))
+        self.step(plan)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def validate(self, plan: StepPlan) -> None:
+        seen: set[int] = set()
+        vocab = self.model_config.vocab_size
+        for w in plan.work:
+            if not 0 <= w.slot < self.max_slots:
+                raise ValueError(f"slot {w.slot} outside 0..{self.max_slots - 1}")
+            if w.slot in seen:
+                raise ValueError(f"slot {w.slot} appears twice in one step")
+            seen.add(w.slot)
+            if not w.token_ids:
+                raise ValueError(f"slot {w.slot}: empty token chunk")
+            if len(w.token_ids) > self.max_chunk_tokens:
+                raise ValueError(
+                    f"slot {w.slot}: chunk of {len(w.token_ids)} tokens exceeds max_chunk_tokens "
+                    f"{self.max_chunk_tokens}"
+                )
+            if w.start_pos < 0 or w.end_pos > self.max_context:
+                raise ValueError(
+                    f"slot {w.slot}: positions {w.start_pos}..{w.end_pos - 1} exceed the context "
+                    f"of {self.max_context}"
+                )
+            bad = [t for t in w.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"slot {w.slot}: token ids {bad[:5]} outside the vocab of {vocab}")
+
+    def step(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        self.validate(plan)
+        if not plan.work:
+            return StepResult(tokens=(), kind="decode")
+        batch = build_batch(plan, self.device)
+        logits = self.model.forward(batch)  # [M, V]
+        sampling = [w for w in plan.work if w.sample]
+        tokens = tuple(self.sampler.sample(logits, sampling))
+        return StepResult(
+            tokens=tokens,
+            kind="decode" if batch.decode_only else "prefill",
+            duration_s=time.perf_counter() - t0,
+            num_tokens=batch.num_tokens,
+        )
+
+    # ---- one request, for the CLI and tests ---------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams = GREEDY,
+        max_new_tokens: int = 16,
+        stop_token_ids: tuple[int, ...] | None = None,
+        ignore_eos: bool = False,
+        slot: int = 0,
+    ) -> GenerateOutput:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"context of {self.max_context}"
+            )
+        stops = set(stop_token_ids or ()) | (set() if ignore_eos else set(self.model_config.eos_token_ids))
+        penalties = sampling.has_penalties
+        out: list[int] = []
+        lps: list[float | None] = []
+        pos = 0
+        feed = list(prompt_ids)
+        while True:
+            chunk = tuple(feed[: self.max_chunk_tokens])
+            feed = feed[len(chunk) :]
+            last = not feed
+            work = SeqWork(
+                slot=slot, token_ids=chunk, start_pos=pos, sample=last, sampling=sampling,
+                prompt_token_ids=tuple(prompt_ids) if penalties else (),
+                output_token_ids=tuple(out) if penalties else (),
+            )
+            result = self.step(StepPlan((work,)))
+            pos += len(chunk)
+            if not last:
+                continue
+            tok: SampledToken = result.tokens[0]
+            out.append(tok.token_id)
+            lps.append(tok.logprob)
+            if tok.token_id in stops:
+                return GenerateOutput(tuple(out), "stop", tuple(lps))
+            if len(out) >= max_new_tokens:
+                return GenerateOutput(tuple(out), "length", tuple(lps))
+            feed = [tok.token_id]

@@ -1,0 +1,59 @@
+"""The gpt-oss forward pass over a packed batch of slots (DESIGN §3).
+
+embedding → N × [x += attn(norm(x)); x += moe(norm(x))] → norm → unembedding, with every residual add
+fused into the following norm. Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.batch import Batch
+from runtime.config import ModelConfig
+from runtime.kv_cache import KVCache
+from runtime.model_weights import LayerWeights, ModelWeights
+from runtime.ops import Ops, TorchOps
+from runtime.rope import rope_table
+
+
+class Model:
+    def __init__(
+        self, weights: ModelWeights, cache: KVCache, max_positions: int, ops: Ops | None = None
+    ) -> None:
+        self.w = weights
+        self.config: ModelConfig = weights.config
+        self.cache = cache
+        self.ops: Ops = ops or TorchOps()
+        device = weights.embedding.device
+        self.cos, self.sin = rope_table(self.config, max_positions, device)  # [P, d/2] each
+        self.scale = self.config.head_dim**-0.5
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Returns fp32 logits [M, V] for `batch.logits_rows`."""
+        cfg, ops = self.config, self.ops
+        x = self.w.embedding[batch.token_ids]  # [T, H]
+        h, resid = ops.rmsnorm(x, self.w.layers[0].attn_norm, cfg.rms_norm_eps, None)
+        for i, layer in enumerate(self.w.layers):
+            attn_out = self._attention(i, layer, h, batch)  # [T, H]
+            h, resid = ops.rmsnorm(attn_out, layer.mlp_norm, cfg.rms_norm_eps, resid)
+            mlp_out = ops.moe(h, layer, cfg)  # [T, H]
+            if i + 1 < len(self.w.layers):
+                nxt = self.w.layers[i + 1].attn_norm
+                h, resid = ops.rmsnorm(mlp_out, nxt, cfg.rms_norm_eps, resid)
+        rows = batch.logits_rows
+        h, _ = ops.rmsnorm(mlp_out[rows], self.w.norm, cfg.rms_norm_eps, resid[rows])
+        return torch.nn.functional.linear(h, self.w.unembedding).float()  # [M, V]
+
+    def _attention(self, i: int, layer: LayerWeights, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        cfg = self.config
+        t = h.shape[0]
+        qkv = torch.nn.functional.linear(h, layer.qkv_weight, layer.qkv_bias)  # [T, (nq+2nkv)·d]
+        q = qkv[:, : cfg.q_size].view(t, cfg.num_attention_heads, cfg.head_dim)
+        k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(t, cfg.num_key_value_heads, -1)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(t, cfg.num_key_value_heads, cfg.head_dim)
+        k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+        q = self.ops.rope_cache_write(q, k, v, self.cos, self.sin, batch, k_cache, v_cache)
+        window = cfg.sliding_window if cfg.is_sliding(i) else 0
+        o = self.ops.attention(q, k_cache, v_cache, batch, layer.sinks, window, self.scale)
+        return torch.nn.functional.linear(o.reshape(t, -1), layer.out_weight, layer.out_bias)

@@ -1,0 +1,70 @@
+"""The per-layer operations a forward pass needs, behind one interface with two backends.
+
+`TorchOps` runs the kernels' torch references (the CPU path and the oracle); the Triton backend
+(runtime/ops_triton.py) swaps in the fused GPU kernels with the same signatures.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kernels.decode_attention import decode_attention_ref
+from kernels.moe_ref import moe_ref
+from kernels.prefill_attention import prefill_attention_ref
+from kernels.rmsnorm import rmsnorm_ref
+from kernels.rope import rope_cache_write_ref
+from runtime.batch import Batch
+from runtime.config import ModelConfig
+from runtime.model_weights import LayerWeights
+
+
+class Ops(Protocol):
+    name: str
+
+    def rmsnorm(
+        self, x: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rope_cache_write(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor, batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+    def attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch,
+        sinks: torch.Tensor, window: int, scale: float,
+    ) -> torch.Tensor: ...
+
+    def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor: ...
+
+
+class TorchOps:
+    name = "torch"
+
+    def rmsnorm(self, x, scale, eps, residual):  # noqa: ANN001, ANN201 - see Ops
+        return rmsnorm_ref(x, scale, eps, residual)
+
+    def rope_cache_write(self, q, k, v, cos, sin, batch, k_cache, v_cache):  # noqa: ANN001, ANN201
+        return rope_cache_write_ref(
+            q, k, v, cos, sin, batch.positions, batch.slot_ids, k_cache, v_cache
+        )
+
+    def attention(self, q, k_cache, v_cache, batch, sinks, window, scale):  # noqa: ANN001, ANN201
+        if batch.decode_only:
+            return decode_attention_ref(
+                q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale
+            )
+        return prefill_attention_ref(
+            q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
+            sinks, window, scale,
+        )
+
+    def moe(self, x, layer, config):  # noqa: ANN001, ANN201
+        return moe_ref(
+            x, layer.gate_weight, layer.gate_bias,
+            layer.mlp1_blocks, layer.mlp1_scales, layer.mlp1_bias,
+            layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias,
+            config.experts_per_token, config.swiglu_alpha, config.swiglu_limit,
+        )
