@@ -24,6 +24,7 @@ class Model:
         self.config: ModelConfig = weights.config
         self.cache = cache
         self.ops: Ops = ops or TorchOps()
+        self.ops.prepare(weights)
         device = weights.embedding.device
         self.cos, self.sin = rope_table(self.config, max_positions, device)  # [P, d/2] each
         self.scale = self.config.head_dim**-0.5

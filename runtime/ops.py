@@ -17,11 +17,15 @@ from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_cache_write_ref
 from runtime.batch import Batch
 from runtime.config import ModelConfig
-from runtime.model_weights import LayerWeights
+from runtime.model_weights import LayerWeights, ModelWeights
 
 
 class Ops(Protocol):
     name: str
+
+    def prepare(self, weights: ModelWeights) -> None:
+        """Called once at load: repack weights into the layouts the kernels read best."""
+        ...
 
     def rmsnorm(
         self, x: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None
@@ -42,6 +46,9 @@ class Ops(Protocol):
 
 class TorchOps:
     name = "torch"
+
+    def prepare(self, weights: ModelWeights) -> None:
+        pass
 
     def rmsnorm(self, x, scale, eps, residual):  # noqa: ANN001, ANN201 - see Ops
         return rmsnorm_ref(x, scale, eps, residual)
