@@ -1,0 +1,99 @@
+"""Deterministic stand-ins for the runtime, for scheduler and service tests.
+
+`FakeEngine` keeps per-slot token rows like a KV cache and picks the next token from a hash of the
+whole row, so any scheduling mistake (wrong start_pos, wrong prefix reuse, tokens fed twice) changes
+the output and `generate_alone` no longer matches. `ByteTokenizer` is byte-level: ids 0…255 are
+bytes, so multi-byte UTF-8 characters span several tokens like in a real BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from array import array
+from collections.abc import Sequence
+
+from runtime.types import SampledToken, SamplingParams, StepPlan, StepResult
+
+EOS = 256
+
+
+class ByteTokenizer:
+    vocab_size = 260
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace")
+
+
+def next_token(seq: Sequence[int], sampling: SamplingParams, vocab_size: int) -> int:
+    key = array("I", seq).tobytes()
+    if not sampling.greedy:  # counter-based: depends on (seed, position) and the sequence
+        key += sampling.seed.to_bytes(8, "little") + len(seq).to_bytes(4, "little")
+    return zlib.crc32(key) % vocab_size
+
+
+class FakeEngine:
+    """Implements `Engine.step` on plain lists; checks the plan's invariants as it goes."""
+
+    def __init__(
+        self,
+        max_slots: int = 4,
+        max_context: int = 256,
+        max_chunk_tokens: int = 32,
+        vocab_size: int = 260,
+        prefix_reuse_slack: int = 0,
+        script: dict[int, list[int]] | None = None,
+    ) -> None:
+        self.max_slots = max_slots
+        self.max_context = max_context
+        self.max_chunk_tokens = max_chunk_tokens
+        self.vocab_size = vocab_size
+        self.prefix_reuse_slack = prefix_reuse_slack
+        self.rows: list[list[int]] = [[] for _ in range(max_slots + 1)]
+        self.plans: list[StepPlan] = []
+        self.fail_next = False
+        self.gate: threading.Event | None = None  # when set by a test, steps wait on it
+        self.steps = 0
+
+    def step(self, plan: StepPlan) -> StepResult:
+        if self.gate is not None:
+            self.gate.wait()
+        self.steps += 1
+        self.plans.append(plan)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected engine failure")
+        assert len({w.slot for w in plan.work}) == len(plan.work), "a slot twice in one plan"
+        out = []
+        for w in plan.work:
+            assert 0 <= w.slot < self.max_slots, w.slot
+            assert 1 <= len(w.token_ids) <= self.max_chunk_tokens, len(w.token_ids)
+            row = self.rows[w.slot]
+            assert w.start_pos <= len(row), (w.start_pos, len(row))
+            assert w.end_pos <= self.max_context
+            del row[w.start_pos :]
+            row.extend(w.token_ids)
+            if w.sample:
+                out.append(SampledToken(w.slot, next_token(row, w.sampling, self.vocab_size),
+                                        logprob=-1.0 if w.sampling.logprobs else None))
+        kind = "decode" if plan.is_decode_only else "prefill"
+        return StepResult(tuple(out), kind=kind, duration_s=0.001, num_tokens=plan.num_tokens)
+
+
+def generate_alone(
+    prompt: Sequence[int], n: int, sampling: SamplingParams = SamplingParams(temperature=0.0),
+    vocab_size: int = 260, stop_ids: Sequence[int] = (),
+) -> list[int]:
+    """What a request produces when it runs by itself (the oracle for batched runs)."""
+    seq = list(prompt)
+    out: list[int] = []
+    for _ in range(n):
+        tok = next_token(seq, sampling, vocab_size)
+        out.append(tok)
+        seq.append(tok)
+        if tok in stop_ids:
+            break
+    return out
