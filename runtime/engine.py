@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.sampling import sample_ref
 from runtime.batch import build_batch
 from runtime.config import ModelConfig
+from runtime.graphs import GraphRunner
 from runtime.kv_cache import CacheShape, KVCache
 from runtime.model import Model
-from runtime.sampler import Sampler
+from runtime.sampler import SampleFn, Sampler
 from runtime.types import GREEDY, SampledToken, SamplingParams, SeqWork, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ class EngineConfig:
     max_slots: int = 8
     max_context: int = 2048
     max_chunk_tokens: int = 512  # longest prefill chunk of one sequence in one step
-    seed: int = 0  # seed of the built-in model's random weights
     cuda_graphs: bool = True
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton"
 
@@ -65,9 +66,7 @@ class Engine:
         dtype = DTYPES[config.dtype]
         t0 = time.perf_counter()
         if config.model is None:
-            model_config, weights, self.tokenizer = builtin_tiny(
-                device=self.device, dtype=dtype, seed=config.seed
-            )
+            model_config, weights, self.tokenizer = builtin_tiny(device=self.device, dtype=dtype)
         else:
             weights = load_checkpoint(config.model, device=self.device, dtype=dtype)
             model_config = weights.config
@@ -77,7 +76,10 @@ class Engine:
         self.shape = CacheShape(config.max_slots, max_context, config.max_chunk_tokens)
         self.cache = KVCache(model_config, self.shape, self.device, dtype)
         self.model = Model(weights, self.cache, max_context, ops=self._ops())
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, self._sample_fn())
+        self.graphs: GraphRunner | None = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.graphs = GraphRunner(self.model, self.sampler.sample_fn, self.max_slots)
         log.info(
             "engine ready: model=%s device=%s dtype=%s slots=%d context=%d kv_cache=%.1f MiB "
             "kernels=%s load=%.2fs",
@@ -103,6 +105,13 @@ class Engine:
             return TritonOps()
         return TorchOps()
 
+    def _sample_fn(self) -> SampleFn:
+        if self.model.ops.name == "triton":
+            from kernels import sampling
+
+            return getattr(sampling, "sample", sampling.sample_ref)
+        return sample_ref
+
     # ---- facts the scheduler plans with ----------------------------------------------------------
     @property
     def max_slots(self) -> int:
@@ -121,9 +130,15 @@ class Engine:
         return self.shape.prefix_reuse_slack(self.model_config)
 
     def warmup(self) -> None:
-        """Runs one tiny step on the dummy slot so first requests don't pay lazy initialisation."""
-        plan = StepPlan((SeqWork(slot=0, token_ids=(0,), start_pos=0, sample=True),))
-        self.step(plan)
+        """Compiles kernels and captures the decode graphs, so first requests pay no start-up.
+
+        Runs a prefill and a decode on slot 0 (its cache contents are then junk, which is fine:
+        a slot's cache is only reused for tokens the scheduler knows it holds).
+        """
+        self.step(StepPlan((SeqWork(slot=0, token_ids=(0, 0), start_pos=0, sample=True),)))
+        self.step(StepPlan((SeqWork(slot=0, token_ids=(0,), start_pos=2, sample=True),)))
+        if self.graphs is not None and not self.graphs.graphs:
+            self.graphs.capture()
 
     # ---- the step -------------------------------------------------------------------------------
     def validate(self, plan: StepPlan) -> None:
@@ -156,6 +171,12 @@ class Engine:
         self.validate(plan)
         if not plan.work:
             return StepResult(tokens=(), kind="decode")
+        if self.graphs is not None and self.graphs.graphs and GraphRunner.can_run(plan.work):
+            tokens = tuple(self.graphs.run(plan.work))
+            return StepResult(
+                tokens=tokens, kind="decode", duration_s=time.perf_counter() - t0,
+                num_tokens=len(plan.work), cuda_graph=True,
+            )
         batch = build_batch(plan, self.device)
         logits = self.model.forward(batch)  # [M, V]
         sampling = [w for w in plan.work if w.sample]

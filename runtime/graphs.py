@@ -1,0 +1,149 @@
+"""One CUDA graph per decode batch-size bucket (DESIGN §5).
+
+A decode step of n slots replays the graph of the smallest bucket ≥ n; rows n … bucket−1 are padding
+that points at the dummy cache row. Graphs are captured largest-first into one shared memory pool,
+after an eager warm-up of each bucket (so Triton compiles outside capture). Inputs live in static
+device buffers that each replay overwrites; the sampler runs inside the graph, so a replay ends with
+the next token ids (and their logprobs) already in static output buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kernels.sampling import seed_to_int64
+from runtime.batch import Batch
+from runtime.model import Model
+from runtime.sampler import SampleFn
+from runtime.types import SampledToken, SeqWork
+
+log = logging.getLogger(__name__)
+
+
+def default_buckets(max_slots: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, 40, … (steps of 8 past 16), always ending at max_slots."""
+    sizes = [b for b in (1, 2, 4, 8, 16) if b < max_slots]
+    sizes += list(range(24, max_slots, 8))
+    return sorted(set(sizes + [max_slots]))
+
+
+class GraphRunner:
+    def __init__(
+        self, model: Model, sample_fn: SampleFn, max_slots: int, buckets: Sequence[int] | None = None
+    ) -> None:
+        self.model = model
+        self.sample_fn = sample_fn
+        self.device = model.w.embedding.device
+        self.dummy_slot = max_slots  # the KV cache's extra row
+        self.buckets = sorted(set(buckets or default_buckets(max_slots)))
+        if self.buckets[-1] < max_slots or self.buckets[0] < 1:
+            raise ValueError(f"buckets {self.buckets} must cover 1 … {max_slots}")
+        n = self.buckets[-1]
+        dev = self.device
+
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, device=dev)
+
+        # static inputs, [n] each
+        self.token_ids, self.positions, self.slot_ids = zeros(torch.long), zeros(torch.long), zeros(torch.long)
+        self.temperature, self.top_p, self.min_p = zeros(torch.float32), zeros(torch.float32), zeros(torch.float32)
+        self.top_k, self.seeds = zeros(torch.long), zeros(torch.long)
+        self.rows = torch.arange(n, device=dev)
+        # static outputs per bucket (each graph writes its own)
+        self.out_tokens: dict[int, torch.Tensor] = {}
+        self.out_logprobs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = 0
+
+    def _batch(self, b: int) -> Batch:
+        return Batch(
+            token_ids=self.token_ids[:b],
+            positions=self.positions[:b],
+            slot_ids=self.slot_ids[:b],
+            cu_seqlens=list(range(b + 1)),
+            seq_slots=[self.dummy_slot] * b,  # unused on the decode path
+            seq_start_pos=[0] * b,
+            logits_rows=self.rows[:b],
+            decode_only=True,
+        )
+
+    def _run(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.forward(self._batch(b))  # [b, V]
+        out = self.sample_fn(
+            logits, self.temperature[:b], self.top_k[:b], self.top_p[:b], self.min_p[:b],
+            self.seeds[:b], self.positions[:b] + 1, num_top_logprobs=0,
+        )
+        return out.tokens, out.logprobs
+
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        free0 = torch.cuda.mem_get_info(self.device)[0]
+        self.slot_ids.fill_(self.dummy_slot)
+        self.temperature.fill_(1.0)
+        self.top_p.fill_(1.0)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for b in self.buckets:  # compile every kernel variant outside capture
+                self._run(b)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for b in reversed(self.buckets):  # largest first: later graphs reuse its pool memory
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                tokens, logprobs = self._run(b)
+            self.graphs[b], self.out_tokens[b], self.out_logprobs[b] = graph, tokens, logprobs
+        torch.cuda.synchronize(self.device)
+        used = (free0 - torch.cuda.mem_get_info(self.device)[0]) / 2**20
+        log.info(
+            "captured %d CUDA graphs (buckets %s) in %.1fs using %.0f MiB",
+            len(self.graphs), self.buckets, time.perf_counter() - t0, used,
+        )
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"decode batch of {n} exceeds the largest graph bucket {self.buckets[-1]}")
+
+    @staticmethod
+    def can_run(works: Sequence[SeqWork]) -> bool:
+        """Graphs cover plain decode; penalties and top-N logprobs take the eager path."""
+        return all(
+            len(w.token_ids) == 1 and w.sample and not w.sampling.has_penalties
+            and w.sampling.top_logprobs == 0
+            for w in works
+        )
+
+    def run(self, works: Sequence[SeqWork]) -> list[SampledToken]:
+        n = len(works)
+        b = self.bucket_for(n)
+        pad = b - n
+        sp = [w.sampling for w in works]
+
+        def load(buf: torch.Tensor, values: list, fill: float | int) -> None:
+            host = torch.tensor(values + [fill] * pad, dtype=buf.dtype)
+            buf[:b].copy_(host, non_blocking=True)
+
+        load(self.token_ids, [w.token_ids[0] for w in works], 0)
+        load(self.positions, [w.start_pos for w in works], 0)
+        load(self.slot_ids, [w.slot for w in works], self.dummy_slot)
+        load(self.temperature, [s.temperature for s in sp], 1.0)
+        load(self.top_k, [s.top_k for s in sp], 0)
+        load(self.top_p, [s.top_p for s in sp], 1.0)
+        load(self.min_p, [s.min_p for s in sp], 0.0)
+        load(self.seeds, [seed_to_int64(s.seed) for s in sp], 0)
+        self.graphs[b].replay()
+        self.replays += 1
+        tokens = self.out_tokens[b][:n].tolist()
+        want_lp = any(s.logprobs for s in sp)
+        lps = self.out_logprobs[b][:n].tolist() if want_lp else [None] * n
+        return [
+            SampledToken(slot=w.slot, token_id=tokens[i], logprob=lps[i] if sp[i].logprobs else None)
+            for i, w in enumerate(works)
+        ]
