@@ -187,6 +187,8 @@ class ModelConfig:
             num_experts=raw["num_experts"],
             experts_per_token=raw["experts_per_token"],
             sliding_window=raw.get("sliding_window", 128),
+            # not in openai's files (sliding on even layers); written by us for custom patterns
+            layer_types=tuple(raw.get("layer_types") or ()),
             rope_theta=float(raw.get("rope_theta", 150000.0)),
             rope_scaling_factor=float(raw.get("rope_scaling_factor", 32.0)),
             rope_ntk_alpha=float(raw.get("rope_ntk_alpha", 1.0)),
@@ -238,7 +240,7 @@ class ModelConfig:
         )
 
     def to_original_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "num_hidden_layers": self.num_hidden_layers,
             "num_experts": self.num_experts,
             "experts_per_token": self.experts_per_token,
@@ -258,6 +260,9 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "eos_token_id": list(self.eos_token_ids),
         }
+        if self.layer_types != self.with_(layer_types=()).layer_types:
+            out["layer_types"] = list(self.layer_types)
+        return out
 
     def to_hf_dict(self, quantized: bool = True) -> dict[str, Any]:
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
