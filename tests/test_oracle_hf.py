@@ -20,7 +20,7 @@ from runtime.batch import build_batch
 from runtime.config import ModelConfig
 from runtime.engine import Engine, EngineConfig
 from runtime.synthetic import write_checkpoint
-from runtime.types import GREEDY, SeqWork, StepPlan
+from runtime.types import SeqWork, StepPlan
 from service.cli import main as cli_main
 
 transformers = pytest.importorskip("transformers")
