@@ -36,8 +36,13 @@ class EngineConfig:
     max_chunk_tokens: int = 512  # longest prefill chunk of one sequence in one step
     cuda_graphs: bool = True
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton"
+    # CUDA: share of the GPU's memory the engine may hold (weights + KV cache + activations),
+    # like vLLM's gpu_memory_utilization; max_slots is lowered to what fits.
+    gpu_memory_fraction: float = 0.90
 
     def __post_init__(self) -> None:
+        if not 0.05 <= self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in [0.05, 1], got {self.gpu_memory_fraction}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kernels not in ("auto", "torch", "triton"):
@@ -73,7 +78,9 @@ class Engine:
             self.tokenizer = load_tokenizer(config.model)
         self.model_config: ModelConfig = model_config
         max_context = min(config.max_context, model_config.max_position_embeddings)
-        self.shape = CacheShape(config.max_slots, max_context, config.max_chunk_tokens)
+        self.shape = self._plan_cache(
+            CacheShape(config.max_slots, max_context, config.max_chunk_tokens), dtype
+        )
         self.cache = KVCache(model_config, self.shape, self.device, dtype)
         self.model = Model(weights, self.cache, max_context, ops=self._ops())
         self.sampler = Sampler(self.device, self._sample_fn())
@@ -87,6 +94,33 @@ class Engine:
             self.max_slots, self.max_context, self.cache.nbytes() / 2**20, self.model.ops.name,
             time.perf_counter() - t0,
         )
+
+    def _plan_cache(self, wanted: CacheShape, dtype: torch.dtype) -> CacheShape:
+        """On CUDA, fit max_slots × max_context into the memory left under the fraction."""
+        if self.device.type != "cuda":
+            return wanted
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        # activations of the largest prefill step and the graphs' pool: a generous fixed reserve
+        reserve = 2 << 30
+        budget = int(self.config.gpu_memory_fraction * total) - used - reserve
+        per_slot = wanted.bytes_per_slot(self.model_config, dtype)
+        fits = budget // per_slot if budget > 0 else 0
+        if fits < 1:
+            raise RuntimeError(
+                f"no room for even one KV-cache slot of {wanted.max_context} tokens "
+                f"({per_slot / 2**20:.0f} MiB): {budget / 2**30:.1f} GiB left under "
+                f"--gpu-memory-fraction {self.config.gpu_memory_fraction}; lower --max-context"
+            )
+        slots = min(wanted.max_slots, int(fits))
+        log.info(
+            "KV cache plan: %d slots × %d tokens = %.1f GiB (%.1f MiB/slot; %d would fit in "
+            "%.1f GiB)", slots, wanted.max_context, slots * per_slot / 2**30, per_slot / 2**20,
+            fits, budget / 2**30,
+        )
+        if slots < wanted.max_slots:
+            log.warning("max_slots lowered from %d to %d to fit GPU memory", wanted.max_slots, slots)
+        return CacheShape(slots, wanted.max_context, wanted.max_chunk_tokens)
 
     def _ops(self):  # noqa: ANN202 - returns an Ops
         from runtime.ops import TorchOps
