@@ -8,12 +8,27 @@ included). For query head h (KV head h // (nq/nkv)) at position p:
     o  = Σᵢ exp(sᵢ − m) vᵢ / (exp(sink_h − m) + Σᵢ exp(sᵢ − m)),  m = max(sink_h, maxᵢ sᵢ)
 The learned sink joins the softmax denominator and contributes no value (gpt-oss).
 Cache index of position i is i mod C (ring buffer on sliding layers; C ≥ W + chunk length − 1).
+
+Triton kernel (FlashAttention-2 style, online softmax in base 2): the host cuts every sequence into
+tiles of BLOCK_T query tokens; one program per (tile, KV head) stacks the G = nq/nkv query heads of
+its KV head under each token, an M = BLOCK_T·G row block (row r = token r // G, head r % G), so each
+key/value block it loads feeds G heads' rows through one tensor-core product. It walks key positions
+lo … last query position of the tile (lo = first query position − W + 1 with a window, else 0),
+reading cache index position mod C, and masks causality and the window per row. Tiles are issued
+longest key range first.
 FlashAttention-2: https://arxiv.org/abs/2307.08691; sinks: https://arxiv.org/abs/2309.17453
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from kernels.jit import KernelSet
+
+jit = KernelSet(globals())
+LOG2E = 1.4426950408889634
 
 
 def attention_core_ref(
@@ -71,4 +86,163 @@ def prefill_attention_ref(
         out[a:b] = attention_core_ref(
             q[a:b], k_cache[slot], v_cache[slot], qpos, kpos, sinks, window, scale
         )
+    return out
+
+
+@jit
+def _prefill_kernel(
+    Q, KC, VC, TILES, SINK, OUT,
+    sq_t, sq_h, skc_s, skc_c, skc_h, svc_s, svc_c, svc_h, so_t, so_h,
+    CAP, WINDOW, qk_scale,
+    G: tl.constexpr, G_P: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_T * G_P
+    tile = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    row0 = tl.load(TILES + tile * 4 + 0).to(tl.int64)  # first query row of the tile
+    ntok = tl.load(TILES + tile * 4 + 1)
+    pos0 = tl.load(TILES + tile * 4 + 2).to(tl.int64)  # position of that row
+    slot = tl.load(TILES + tile * 4 + 3).to(tl.int64)
+
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G_P
+    g = r % G_P
+    heads = kvh * G + g
+    rmask = (tok < ntok) & (g < G)
+    qpos = pos0 + tok  # [BLOCK_M]
+    cols = tl.arange(0, D)
+    q = tl.load(Q + (row0 + tok)[:, None] * sq_t + heads[:, None] * sq_h + cols[None, :],
+                mask=rmask[:, None], other=0.0)  # [BLOCK_M, D]
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    ell = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = pos0 + ntok - 1
+    lo = tl.maximum(pos0 - WINDOW + 1, 0) if WINDOW > 0 else pos0 * 0
+    k_base = KC + slot * skc_s + kvh * skc_h
+    v_base = VC + slot * svc_s + kvh * svc_h
+    offs = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi + 1, BLOCK_N):
+        kpos = start + offs  # [BLOCK_N]
+        kvalid = kpos <= hi
+        idx = kpos % CAP
+        k = tl.load(k_base + idx[:, None] * skc_c + cols[None, :], mask=kvalid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        allowed = kpos[None, :] <= qpos[:, None]
+        if WINDOW > 0:
+            allowed &= kpos[None, :] > qpos[:, None] - WINDOW
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        ell = ell * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + idx[:, None] * svc_c + cols[None, :], mask=kvalid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    sink = tl.load(SINK + heads, mask=g < G, other=0.0) * 1.4426950408889634
+    m_f = tl.maximum(m, sink)
+    scale = tl.exp2(m - m_f)
+    denom = ell * scale + tl.exp2(sink - m_f)
+    out = acc * (scale / denom)[:, None]
+    tl.store(OUT + (row0 + tok)[:, None] * so_t + heads[:, None] * so_h + cols[None, :],
+             out.to(OUT.dtype.element_ty), mask=rmask[:, None])
+
+
+def prefill_tiles(
+    cu_seqlens: list[int], seq_slots: list[int], seq_start_pos: list[int], block_t: int
+) -> list[tuple[int, int, int, int]]:
+    """(first query row, rows, first position, slot) per tile, the longest key range first."""
+    tiles = []
+    for n, (slot, start) in enumerate(zip(seq_slots, seq_start_pos, strict=True)):
+        a, b = cu_seqlens[n], cu_seqlens[n + 1]
+        for row in range(a, b, block_t):
+            tiles.append((row, min(block_t, b - row), start + row - a, slot))
+    tiles.sort(key=lambda t: -(t[1] + t[2]))
+    return tiles
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, nq, d] (rotated)
+    k_cache: torch.Tensor,  # [S+1, C, nkv, d]
+    v_cache: torch.Tensor,  # [S+1, C, nkv, d]
+    cu_seqlens: list[int] | torch.Tensor,  # [N+1]
+    seq_slots: list[int] | torch.Tensor,  # [N]
+    seq_start_pos: list[int] | torch.Tensor,  # [N]
+    sinks: torch.Tensor,  # [nq] fp32
+    window: int,
+    scale: float,
+    *,
+    block_t: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Triton prefill_attention_ref. The sequence tables are read on the host (pass lists: tensors
+    cost a device sync); the cache must already hold every sequence's positions 0 … its last one."""
+    if q.dim() != 3:
+        raise ValueError(f"prefill_attention: q must be [T, nq, d], got {tuple(q.shape)}")
+    t, nq, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
+        raise ValueError(
+            f"prefill_attention: caches must both be [S+1, C, nkv, {d}], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    cap, nkv = k_cache.shape[1], k_cache.shape[2]
+    if nq % nkv:
+        raise ValueError(f"prefill_attention: {nq} query heads not a multiple of {nkv} KV heads")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"prefill_attention: head_dim must be a power of two ≥ 16, got {d}")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(
+            f"prefill_attention: q ({q.dtype}) and caches ({k_cache.dtype}, {v_cache.dtype}) differ"
+        )
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("prefill_attention: q and the caches need a contiguous last dimension")
+    if sinks.shape != (nq,) or sinks.dtype != torch.float32 or sinks.device != q.device:
+        raise ValueError(f"prefill_attention: sinks must be fp32 [{nq}] on {q.device}")
+    if k_cache.device != q.device or v_cache.device != q.device:
+        raise ValueError("prefill_attention: q and the caches must be on one device")
+    if window < 0:
+        raise ValueError(f"prefill_attention: window must be ≥ 0, got {window}")
+    cu = [int(x) for x in cu_seqlens]
+    slots = [int(x) for x in seq_slots]
+    starts = [int(x) for x in seq_start_pos]
+    if len(cu) != len(slots) + 1 or len(starts) != len(slots) or cu[0] != 0 or cu[-1] != t:
+        raise ValueError(
+            f"prefill_attention: cu_seqlens must be [N+1] from 0 to {t} with N = {len(slots)} "
+            f"slots and start positions, got {cu}"
+        )
+    for n in range(len(slots)):
+        length = cu[n + 1] - cu[n]
+        if length < 0 or starts[n] < 0 or not 0 <= slots[n] < k_cache.shape[0]:
+            raise ValueError(f"prefill_attention: bad sequence {n}: rows {cu[n]}…{cu[n + 1]}, "
+                             f"slot {slots[n]}, start {starts[n]}")
+        if window == 0 and starts[n] + length > cap:
+            raise ValueError(f"prefill_attention: sequence {n} ends at position "
+                             f"{starts[n] + length - 1}, beyond the cache capacity {cap}")
+        wraps = starts[n] + length > cap
+        if window > 0 and wraps and length + window - 1 > cap:
+            raise ValueError(f"prefill_attention: a {length}-token chunk needs a ring of ≥ "
+                             f"{length + window - 1} positions, the cache holds {cap}")
+    out = torch.empty((t, nq, d), dtype=q.dtype, device=q.device)
+    g = nq // nkv
+    g_p = triton.next_power_of_2(g)
+    if block_t is None:
+        block_t = max(1, 128 // g_p)
+    tiles = prefill_tiles(cu, slots, starts, block_t)
+    if not tiles:
+        return out
+    table = torch.tensor(tiles, dtype=torch.int32).to(q.device, non_blocking=True)  # [tiles, 4]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    jit["_prefill_kernel"][(len(tiles), nkv)](
+        q, k_cache, v_cache, table, sinks, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        cap, window, scale * LOG2E,
+        G=g, G_P=g_p, BLOCK_T=block_t, D=d, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
     return out
