@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = (
     "service.cli_generate",
     "service.cli_make_checkpoint",
+    "service.cli_serve",
 )
 
 

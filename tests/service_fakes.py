@@ -13,6 +13,7 @@ import zlib
 from array import array
 from collections.abc import Sequence
 
+from runtime.config import ModelConfig
 from runtime.types import SampledToken, SamplingParams, StepPlan, StepResult
 
 EOS = 256
@@ -45,14 +46,20 @@ class FakeEngine:
         max_chunk_tokens: int = 32,
         vocab_size: int = 260,
         prefix_reuse_slack: int = 0,
-        script: dict[int, list[int]] | None = None,
+        script: Sequence[int] | None = None,
     ) -> None:
+        """`script`: every request generates exactly these tokens (then EOS), whatever its prompt."""
         self.max_slots = max_slots
         self.max_context = max_context
         self.max_chunk_tokens = max_chunk_tokens
         self.vocab_size = vocab_size
         self.prefix_reuse_slack = prefix_reuse_slack
         self.rows: list[list[int]] = [[] for _ in range(max_slots + 1)]
+        self.script = list(script) if script is not None else None
+        self._gen_start: dict[int, int] = {}  # slot → position of its first generated token
+        # What the service reads from a real Engine:
+        self.model_config = ModelConfig(vocab_size=vocab_size, eos_token_ids=(EOS,))
+        self.tokenizer = ByteTokenizer()
         self.plans: list[StepPlan] = []
         self.fail_next = False
         self.gate: threading.Event | None = None  # when set by a test, steps wait on it
@@ -76,11 +83,20 @@ class FakeEngine:
             assert w.end_pos <= self.max_context
             del row[w.start_pos :]
             row.extend(w.token_ids)
+            if w.start_pos == 0:
+                self._gen_start.pop(w.slot, None)
             if w.sample:
-                out.append(SampledToken(w.slot, next_token(row, w.sampling, self.vocab_size),
+                out.append(SampledToken(w.slot, self._next(w.slot, row, w.sampling),
                                         logprob=-1.0 if w.sampling.logprobs else None))
         kind = "decode" if plan.is_decode_only else "prefill"
         return StepResult(tuple(out), kind=kind, duration_s=0.001, num_tokens=plan.num_tokens)
+
+
+    def _next(self, slot: int, row: list[int], sampling: SamplingParams) -> int:
+        if self.script is None:
+            return next_token(row, sampling, self.vocab_size)
+        k = len(row) - self._gen_start.setdefault(slot, len(row))
+        return self.script[k] if k < len(self.script) else EOS
 
 
 def generate_alone(

@@ -1,0 +1,79 @@
+"""Shared fixtures: real gRPC servers on loopback (port 0) over the built-in tiny model.
+
+The tiny model in float32 on the CPU takes a few milliseconds per step, so every test gets its own
+fresh server (metrics start from zero, no state leaks between tests).
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+SERVER_DEFAULTS = dict(
+    port=0, metrics_port=0, dtype="float32", max_slots=8, max_context=256, max_chunk_tokens=64,
+    max_step_tokens=128, max_queue=64, grace_period_s=30.0,
+)
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., object]]:
+    """make_server(engine=None, **ServerConfig overrides) -> a started BackgroundServer."""
+    from service.config import ServerConfig
+    from service.server import BackgroundServer
+
+    started: list[BackgroundServer] = []
+
+    def make(engine: object = None, **overrides: object) -> BackgroundServer:
+        config = replace(ServerConfig(**SERVER_DEFAULTS), **overrides)
+        server = BackgroundServer(config, engine=engine)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server):  # noqa: ANN001, ANN201
+    return make_server()
+
+
+@pytest.fixture
+def client(server):  # noqa: ANN001, ANN201
+    from service.client import GenerationClient
+
+    with GenerationClient(server.target, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def engine_alone():  # noqa: ANN201
+    """The runtime by itself (no server), to compare the server's greedy outputs against."""
+    from runtime.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(dtype="float32", max_slots=1, max_context=256, max_chunk_tokens=64))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """GET /metrics → {'name{labels}': value} for every sample."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll until `predicate()` holds; fail (not hang) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
