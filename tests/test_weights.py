@@ -208,3 +208,36 @@ def test_writer_refuses_to_mix_with_an_existing_checkpoint(tmp_path, weights):
     write_checkpoint(weights, tmp_path, layout="hf", overwrite=True)
     assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
     assert checkpoint_layout_of(tmp_path) == ("hf", True)
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["mxfp4", "dense"])
+def test_transformers_reads_our_hf_checkpoint_as_the_same_weights(tmp_path, weights, quantized):
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    from runtime.mxfp4 import dequantize
+
+    write_checkpoint(weights, tmp_path, layout="hf", quantized=quantized, max_shard_bytes=60_000)
+    kw = {"quantization_config": Mxfp4Config(dequantize=True)} if quantized else {}
+    model = GptOssForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
+    q, kv = CFG.q_size, CFG.kv_size
+    for i, ours in enumerate(weights.layers):
+        theirs = model.model.layers[i]
+        attn, experts = theirs.self_attn, theirs.mlp.experts
+        pairs = {
+            "q": (attn.q_proj.weight, ours.qkv_weight[:q]),
+            "k_bias": (attn.k_proj.bias, ours.qkv_bias[q:q + kv]),
+            "v": (attn.v_proj.weight, ours.qkv_weight[q + kv:]),
+            "o": (attn.o_proj.weight, ours.out_weight),
+            "sinks": (attn.sinks, ours.sinks),
+            "norm": (theirs.input_layernorm.weight, ours.attn_norm),
+            "router": (theirs.mlp.router.weight, ours.gate_weight),
+            "gate_up": (experts.gate_up_proj,  # [E, H, 2I]
+                        dequantize(ours.mlp1_blocks, ours.mlp1_scales).transpose(1, 2)),
+            "down": (experts.down_proj,  # [E, I, H]
+                     dequantize(ours.mlp2_blocks, ours.mlp2_scales).transpose(1, 2)),
+            "down_bias": (experts.down_proj_bias, ours.mlp2_bias),
+        }
+        for name, (a, b) in pairs.items():
+            assert torch.equal(a.detach(), b.float()), (i, name)
+    assert torch.equal(model.lm_head.weight.detach(), weights.unembedding.float())
+    assert torch.equal(model.model.embed_tokens.weight.detach(), weights.embedding.float())
