@@ -199,7 +199,9 @@ class ModelConfig:
                 int(raw.get("initial_context_length", 4096) * raw.get("rope_scaling_factor", 32)),
             ),
             swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             eos_token_ids=_id_list(raw.get("eos_token_id")),
+            pad_token_id=raw.get("pad_token_id"),
         )
 
     @classmethod
@@ -258,7 +260,9 @@ class ModelConfig:
             "rope_ntk_alpha": self.rope_ntk_alpha,
             "rope_ntk_beta": self.rope_ntk_beta,
             "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
             "eos_token_id": list(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
         }
         if self.layer_types != self.with_(layer_types=()).layer_types:
             out["layer_types"] = list(self.layer_types)

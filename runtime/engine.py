@@ -75,7 +75,10 @@ class Engine:
         else:
             weights = load_checkpoint(config.model, device=self.device, dtype=dtype)
             model_config = weights.config
-            self.tokenizer = load_tokenizer(config.model)
+            tokenizer = load_tokenizer(config.model)
+            if tokenizer is None:
+                raise ValueError(f"{config.model}: no tokenizer.json beside the weights")
+            self.tokenizer = tokenizer
         self.model_config: ModelConfig = model_config
         max_context = min(config.max_context, model_config.max_position_embeddings)
         self.shape = self._plan_cache(

@@ -45,7 +45,7 @@ def quantize(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if weights.shape[-1] % GROUP:
         raise ValueError(f"last dimension {weights.shape[-1]} is not a multiple of {GROUP}")
-    w = weights.detach().to(torch.float32)
+    w = weights.detach().to(torch.float32).contiguous()
     groups = w.unflatten(-1, (-1, GROUP))  # [..., G, 32]
     amax = groups.abs().amax(dim=-1)  # [..., G]
     # exponent e with amax / 2^e <= 6; all-zero groups get the smallest scale.
