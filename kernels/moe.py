@@ -1,0 +1,130 @@
+"""The gpt-oss MoE layer on the GPU: router, routing, two MXFP4 grouped GEMMs and the combine.
+
+    logits = x·Wgᵀ + bg                                   torch linear (cuBLAS), as in moe_ref
+    plan   = route(logits, k)                             kernels/moe_routing.py
+    act    = swiglu(x[token]·W1[e]ᵀ + b1[e])              kernels/moe_gemm.py, rows in expert order
+    y      = (act·W2[e]ᵀ + b2[e]) · w                     same, scaled by the router weight
+    out[t] = Σⱼ y[pos(t, j)]                              deterministic gather-reduce
+Same math as kernels/moe_ref.moe_ref (the oracle). Five launches, no host sync, sizes fixed by
+(T, k, E): the whole layer can be captured in a CUDA graph.
+
+Tile shapes depend on how many rows each expert gets: decode (a few tokens per expert) streams
+every hit expert's weights once, spread over many programs along N (SWAP_AB puts the weight rows
+on the MMA's M side); prefill (many tokens per expert) uses large tensor-core tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.moe_gemm import GemmTiles, combine, gemm1_swiglu, gemm2_scale
+from kernels.moe_ref import moe_ref
+from kernels.moe_routing import RoutingPlan, route
+from runtime.config import ModelConfig
+from runtime.model_weights import LayerWeights
+
+
+@dataclass(frozen=True)
+class MoEPrepared:
+    """One layer's expert weights in the layout the kernels read (views: no copy, no memory)."""
+
+    w1: torch.Tensor  # [E, 2I, H/2] u8 codes, gate/linear rows interleaved
+    s1: torch.Tensor  # [E, 2I, H/32] u8 exponents
+    b1: torch.Tensor  # [E, 2I] fp32
+    w2: torch.Tensor  # [E, H, I/2] u8
+    s2: torch.Tensor  # [E, H, I/32] u8
+    b2: torch.Tensor  # [E, H] fp32
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    block_m: int  # rows (token/expert pairs) per tile, shared by both GEMMs
+    gemm1: GemmTiles  # block_n counts swiglu outputs (2·block_n rows of W1)
+    gemm2: GemmTiles
+
+    def __post_init__(self) -> None:
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
+
+
+DECODE = MoEConfig(16, GemmTiles(32, 128, num_stages=3), GemmTiles(32, 128, num_stages=3))
+PREFILL = MoEConfig(
+    64,
+    GemmTiles(64, 64, group_m=8, num_warps=4, num_stages=3),
+    GemmTiles(128, 64, group_m=8, num_warps=4, num_stages=3),
+)
+
+
+def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+    """Decode tiles while the average hit expert has at most a tile's worth of rows."""
+    rows_per_expert = tokens * top_k / num_experts
+    return DECODE if rows_per_expert <= 16 else PREFILL
+
+
+def _mxfp4_view(blocks: torch.Tensor, scales: torch.Tensor, name: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != 16:
+        raise ValueError(f"{name}: expected u8 blocks [E, N, K/32, 16] and u8 scales, got "
+                         f"{blocks.dtype} {tuple(blocks.shape)} / {scales.dtype}")
+    e, n, g, _ = blocks.shape
+    return blocks.contiguous().view(e, n, g * 16), scales.contiguous()
+
+
+def prepare_moe(layer: LayerWeights) -> MoEPrepared:
+    """Called once at load. The checkpoint layout is already the one the kernels read fastest
+    (each output row's codes contiguous along K), so contiguous weights are only viewed."""
+    w1, s1 = _mxfp4_view(layer.mlp1_blocks, layer.mlp1_scales, "mlp1")
+    w2, s2 = _mxfp4_view(layer.mlp2_blocks, layer.mlp2_scales, "mlp2")
+    return MoEPrepared(
+        w1=w1, s1=s1, b1=layer.mlp1_bias.float().contiguous(),
+        w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(),
+    )
+
+
+def router_logits(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+    """[T, E] in x's dtype, exactly as kernels/moe_ref.route_ref computes them."""
+    return torch.nn.functional.linear(
+        x, layer.gate_weight.to(x.dtype), layer.gate_bias.to(x.dtype)
+    )
+
+
+def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k: int,
+                cfg: MoEConfig, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """The experts of a routed batch: x [T, H] → [T, H] (kernels/moe_ref.experts_ref)."""
+    p = prepared
+    act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1)  # [T·k, I]
+    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2)  # [T·k, H]
+    return combine(y, plan, top_k)
+
+
+def moe_forward(
+    x: torch.Tensor,  # [T, H] normalized activations
+    layer: LayerWeights,
+    config: ModelConfig,
+    prepared: MoEPrepared | None = None,
+    moe_config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """The MoE block's output [T, H] (before the residual add), in x's dtype."""
+    if x.dim() != 2 or x.shape[1] != config.hidden_size:
+        raise ValueError(f"moe_forward: x must be [T, {config.hidden_size}], got {tuple(x.shape)}")
+    p = prepared if prepared is not None else prepare_moe(layer)
+    k = config.experts_per_token
+    cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
+    x = x.contiguous()
+    plan = route(router_logits(x, layer), k, cfg.block_m)
+    return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit)
+
+
+def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
+    """The oracle, with moe_forward's signature."""
+    return moe_ref(
+        x, layer.gate_weight, layer.gate_bias, layer.mlp1_blocks, layer.mlp1_scales,
+        layer.mlp1_bias, layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias,
+        config.experts_per_token, config.swiglu_alpha, config.swiglu_limit,
+    )
+
+
+__all__ = ["DECODE", "PREFILL", "MoEConfig", "MoEPrepared", "choose_config", "moe_experts",
+           "moe_forward", "moe_forward_ref", "prepare_moe", "router_logits"]

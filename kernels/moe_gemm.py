@@ -1,0 +1,314 @@
+"""Grouped GEMMs of the MoE on MXFP4 expert weights, dequantized in the kernel.
+
+Rows are the token/expert pairs in expert order (kernels/moe_routing.py), in tiles of BLOCK_M
+rows of one expert e. With W[e] MXFP4 (value = fp4(code) · 2^(scale − 127), runtime/mxfp4.py):
+    GEMM 1:  h = x[token(row)]·W1[e]ᵀ + b1[e]            gate = h[0::2], linear = h[1::2]
+             act[row] = swiglu(gate, linear)             g·σ(α·g)·(clamp(l, ±L) + 1), g = min(g, L)
+    GEMM 2:  y[row] = (act[row]·W2[e]ᵀ + b2[e]) · w_router(row)
+Each matmul is rounded to the activation dtype before the fp32 bias (as torch's matmul is in
+kernels/moe_ref.py); accumulation is fp32.
+
+Weights are read in the checkpoint's own layout: output row n's K/2 code bytes are contiguous
+([E, N, K/2] u8) and its K/32 scale bytes too. A program owns BLOCK_N output features; the
+interleaved gate/linear rows of W1 are read as two row sets (2n and 2n + 1), each row a
+contiguous run, so swiglu fuses without any repacking. The low nibble holds the even k and the
+high nibble the odd k: the kernel splits the activations into even and odd columns instead of
+interleaving the weights, and takes two dots of depth BLOCK_K/2.
+
+Dequantization without a table: code c → fp16 bits (sign c₃ at bit 15, c₀…c₂ at bits 9…11) is
+exactly fp4(c)·2⁻¹⁴ (fp16's subnormals line up with e2m1's), then one fp32 multiply by the
+group's 2^(s − 113) built from its exponent bits (valid for scale bytes ≤ 240, |w| < 6·2¹¹³).
+
+SWAP_AB computes the transposed product (Wᵀ as the left operand): with few rows per expert (decode)
+the weights fill the MMA's M side instead of padding 16-token tiles.
+Grid: one program per (tile, N block), tiles of one N block grouped GROUP_M at a time so the
+programs running together share the expert's weights in L2. Tiles past the routing's last are
+idle (expert −1): the grid has a fixed size and the launch can be captured in a CUDA graph.
+MoE grouped GEMM (MegaBlocks): https://arxiv.org/abs/2211.15841; OCP MX formats v1.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.jit import KernelSet
+from kernels.moe_routing import RoutingPlan
+
+jit = KernelSet(globals())
+
+
+@jit
+def _fp4_f32(c):
+    """e2m1 codes (int32, 0…15) → fp32 values · 2⁻¹⁴."""
+    bits = ((c & 8) << 12) | ((c & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@jit
+def _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows at byte offsets w_row/s_row [BN], K slice k0 … k0+BLOCK_K → (even k, odd k) values,
+    each [BN, BLOCK_K/2] in DTYPE."""
+    G: tl.constexpr = BLOCK_K // 32
+    g = tl.arange(0, G)
+    b = tl.arange(0, 16)
+    kmask = (k0 + g * 32) < K  # [G]
+    m3 = nmask[:, None, None] & kmask[None, :, None]
+    cptr = W + w_row[:, None, None] + (k0 // 2 + g * 16)[None, :, None] + b[None, None, :]
+    codes = tl.load(cptr, mask=m3, other=0).to(tl.int32)  # [BN, G, 16]
+    sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
+                 mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    scale = ((tl.minimum(sc, 240) + 14) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    lo = (_fp4_f32(codes & 15) * scale).to(DTYPE)
+    hi = (_fp4_f32(codes >> 4) * scale).to(DTYPE)
+    bn: tl.constexpr = codes.shape[0]
+    return tl.reshape(lo, (bn, BLOCK_K // 2)), tl.reshape(hi, (bn, BLOCK_K // 2))
+
+
+@jit
+def _mma(a, w, acc, SWAP_AB: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a·wᵀ ([BM, BN]) or, swapped, w·aᵀ ([BN, BM])."""
+    if SWAP_AB:
+        if IEEE:
+            return tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+        return tl.dot(w, tl.trans(a), acc)
+    if IEEE:
+        return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(w), acc)
+
+
+@jit
+def _a_tile(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
+    """Activation rows at element offsets a_row [BM] → (even k, odd k) columns [BM, BLOCK_K/2]."""
+    k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+    m = amask[:, None] & (k < K)[None, :]
+    ptr = A + a_row[:, None] + k[None, :]
+    return tl.load(ptr, mask=m, other=0.0), tl.load(ptr + 1, mask=m, other=0.0)
+
+
+@jit
+def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
+    width = GROUP_M * NUM_N
+    first = (pid // width) * GROUP_M
+    size = tl.minimum(MAX_TILES - first, GROUP_M)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@jit
+def _gemm1_swiglu_kernel(
+    X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be,
+    SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N, K, MAX_TILES, alpha, limit,
+    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
+):
+    """OUT[row, n] = swiglu(x[token(row)]·W1[e, 2n]ᵀ + b, x·W1[e, 2n+1]ᵀ + b), n < N = I."""
+    DTYPE: tl.constexpr = OUT.dtype.element_ty
+    tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e = tl.load(TILE_E + tile)
+    if e < 0:
+        return
+    start = tl.load(TILE_START + tile)
+    end = tl.load(TILE_END + tile)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    tok = tl.load(SORTED + rows, mask=rmask, other=0) // TOPK
+    a_row = tok.to(tl.int64) * stride_x
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    e64 = e.to(tl.int64)
+    wg = e64 * stride_we + (2 * n).to(tl.int64) * stride_wn  # gate rows 2n
+    sg = e64 * stride_se + (2 * n).to(tl.int64) * stride_sn
+    if SWAP_AB:
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_l = tl.zeros_like(acc_g)
+    for k0 in range(0, K, BLOCK_K):
+        xe, xo = _a_tile(X, a_row, rmask, k0, K, BLOCK_K)
+        g_lo, g_hi = _w_tile(W, S, wg, sg, nmask, k0, K, DTYPE, BLOCK_K)
+        acc_g = _mma(xe, g_lo, acc_g, SWAP_AB, IEEE)
+        acc_g = _mma(xo, g_hi, acc_g, SWAP_AB, IEEE)
+        l_lo, l_hi = _w_tile(W, S, wg + stride_wn, sg + stride_sn, nmask, k0, K, DTYPE, BLOCK_K)
+        acc_l = _mma(xe, l_lo, acc_l, SWAP_AB, IEEE)
+        acc_l = _mma(xo, l_hi, acc_l, SWAP_AB, IEEE)
+    if SWAP_AB:
+        rr, nn, mm = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None]
+    else:
+        rr, nn, mm = rows[:, None], n[None, :], rmask[:, None] & nmask[None, :]
+    bias = B + e64 * stride_be + 2 * nn
+    gate = acc_g.to(DTYPE).to(tl.float32) + tl.load(bias, mask=mm, other=0.0)
+    lin = acc_l.to(DTYPE).to(tl.float32) + tl.load(bias + 1, mask=mm, other=0.0)
+    gate = tl.minimum(gate, limit)
+    lin = tl.minimum(tl.maximum(lin, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    tl.store(OUT + rr.to(tl.int64) * stride_o + nn, act.to(DTYPE), mask=mm)
+
+
+@jit
+def _gemm2_scale_kernel(
+    A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be, RW,
+    SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N, K, MAX_TILES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
+):
+    """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H."""
+    DTYPE: tl.constexpr = OUT.dtype.element_ty
+    tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e = tl.load(TILE_E + tile)
+    if e < 0:
+        return
+    start = tl.load(TILE_START + tile)
+    end = tl.load(TILE_END + tile)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    a_row = rows.to(tl.int64) * stride_a
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    e64 = e.to(tl.int64)
+    w_row = e64 * stride_we + n.to(tl.int64) * stride_wn
+    s_row = e64 * stride_se + n.to(tl.int64) * stride_sn
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ae, ao = _a_tile(A, a_row, rmask, k0, K, BLOCK_K)
+        w_lo, w_hi = _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE, BLOCK_K)
+        acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
+        acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
+    rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
+    if SWAP_AB:
+        rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]
+    else:
+        rr, nn, mm, rw = rows[:, None], n[None, :], rmask[:, None] & nmask[None, :], rw[:, None]
+    bias = tl.load(B + e64 * stride_be + nn, mask=mm, other=0.0)
+    y = (acc.to(DTYPE).to(tl.float32) + bias) * rw
+    tl.store(OUT + rr.to(tl.int64) * stride_o + nn, y.to(DTYPE), mask=mm)
+
+
+@jit
+def _combine_kernel(
+    Y, stride_y, POS, OUT, stride_o, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """OUT[t] = Σ_j Y[pos[t·k + j]] in fp32, j in order: deterministic, no atomics."""
+    t = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        row = tl.load(POS + t * TOPK + j).to(tl.int64)
+        acc += tl.load(Y + row * stride_y + h, mask=hm, other=0.0).to(tl.float32)
+    tl.store(OUT + t.to(tl.int64) * stride_o + h, acc.to(OUT.dtype.element_ty), mask=hm)
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmTiles:
+    """Block shape and launch parameters of one grouped GEMM (BLOCK_M comes from the routing)."""
+
+    block_n: int
+    block_k: int
+    swap_ab: bool = False
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "group_m", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemmTiles.{name} must be a power of two, got {v}")
+        if self.block_n < 16 or self.block_k < 32:
+            raise ValueError(f"GemmTiles: block_n ≥ 16 and block_k ≥ 32, got {self}")
+        if self.num_stages < 1:
+            raise ValueError(f"GemmTiles.num_stages must be ≥ 1, got {self.num_stages}")
+
+
+def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n: int, k: int,
+                 e: int, device: torch.device) -> None:
+    want = ((e, n, k // 2), (e, n, k // 32), (e, n))
+    got = (tuple(w.shape), tuple(s.shape), tuple(b.shape))
+    if got != want:
+        raise ValueError(f"{name}: codes/scales/bias shapes {got}, expected {want}")
+    if w.dtype != torch.uint8 or s.dtype != torch.uint8 or b.dtype != torch.float32:
+        raise ValueError(f"{name}: dtypes {w.dtype}/{s.dtype}/{b.dtype}, expected u8/u8/fp32")
+    if w.stride(2) != 1 or s.stride(2) != 1 or b.stride(1) != 1:
+        raise ValueError(f"{name}: codes, scales and bias need a contiguous last dimension")
+    for t in (w, s, b):
+        if t.device != device:
+            raise ValueError(f"{name}: weights on {t.device}, activations on {device}")
+
+
+def _launch_args(tiles: GemmTiles, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+                SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def gemm1_swiglu(
+    x: torch.Tensor,  # [T, H] activations
+    w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, 2I, H/2] u8, [E, 2I, H/32] u8, [E, 2I]
+    plan: RoutingPlan, top_k: int, alpha: float, limit: float, tiles: GemmTiles,
+) -> torch.Tensor:
+    """→ act [T·k, I] in x's dtype, rows in the plan's expert order."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"gemm1: x must be [T, H] with unit column stride, got {tuple(x.shape)}")
+    t, h = x.shape
+    e, n2 = w.shape[0], w.shape[1]
+    _check_mxfp4("gemm1", w, s, b, n2, h, e, x.device)
+    if n2 % 2 or plan.pos.shape[0] != t * top_k:
+        raise ValueError(f"gemm1: 2I = {n2} must be even and the plan must hold T·k = {t * top_k}")
+    inter = n2 // 2
+    out = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    grid = (plan.max_tiles * triton.cdiv(inter, tiles.block_n),)
+    jit["_gemm1_swiglu_kernel"][grid](
+        x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b, b.stride(0),
+        plan.sorted_pair, plan.tile_expert, plan.tile_start, plan.tile_end, out, out.stride(0),
+        inter, h, plan.max_tiles, float(alpha), float(limit),
+        TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype),
+    )
+    return out
+
+
+def gemm2_scale(
+    act: torch.Tensor,  # [T·k, I] rows in expert order
+    w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32] u8, [E, H]
+    plan: RoutingPlan, tiles: GemmTiles,
+) -> torch.Tensor:
+    """→ y [T·k, H] in act's dtype: each row's expert output times its router weight."""
+    if act.dim() != 2 or act.stride(1) != 1 or act.shape[0] != plan.pos.shape[0]:
+        raise ValueError(f"gemm2: act must be [T·k, I] (unit column stride), got {tuple(act.shape)}")
+    rows, inter = act.shape
+    e, h = w.shape[0], w.shape[1]
+    _check_mxfp4("gemm2", w, s, b, h, inter, e, act.device)
+    out = torch.empty(rows, h, dtype=act.dtype, device=act.device)
+    if rows == 0:
+        return out
+    grid = (plan.max_tiles * triton.cdiv(h, tiles.block_n),)
+    jit["_gemm2_scale_kernel"][grid](
+        act, act.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b,
+        b.stride(0), plan.weights, plan.sorted_pair, plan.tile_expert, plan.tile_start,
+        plan.tile_end, out, out.stride(0), h, inter, plan.max_tiles,
+        BLOCK_M=plan.block_m, **_launch_args(tiles, act.dtype),
+    )
+    return out
+
+
+def combine(y: torch.Tensor, plan: RoutingPlan, top_k: int) -> torch.Tensor:
+    """y [T·k, H] in expert order → [T, H]: each token's k rows summed in fp32."""
+    rows, h = y.shape
+    t = rows // top_k
+    out = torch.empty(t, h, dtype=y.dtype, device=y.device)
+    if t == 0:
+        return out
+    block_h = min(1024, triton.next_power_of_2(h))
+    jit["_combine_kernel"][(t, triton.cdiv(h, block_h))](
+        y, y.stride(0), plan.pos, out, out.stride(0), h, TOPK=top_k, BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return out
