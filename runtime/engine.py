@@ -18,7 +18,9 @@ from runtime.config import ModelConfig
 from runtime.graphs import GraphRunner
 from runtime.kv_cache import CacheShape, KVCache
 from runtime.model import Model
+from runtime.model_weights import ModelWeights
 from runtime.sampler import SampleFn, Sampler
+from runtime.tokenizer import Tokenizer
 from runtime.types import GREEDY, SampledToken, SamplingParams, SeqWork, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,13 @@ class GenerateOutput:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        weights: ModelWeights | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        """Loads `config.model` (or the built-in tiny model); benchmarks may pass ready weights."""
         from runtime.synthetic import builtin_tiny
         from runtime.weights import load_checkpoint, load_tokenizer
 
@@ -70,15 +78,19 @@ class Engine:
             raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
         dtype = DTYPES[config.dtype]
         t0 = time.perf_counter()
-        if config.model is None:
+        if weights is not None:
+            weights = weights.to(self.device, dtype)
+            model_config = weights.config
+            self.tokenizer = tokenizer or Tokenizer.byte_level(model_config.vocab_size)
+        elif config.model is None:
             model_config, weights, self.tokenizer = builtin_tiny(device=self.device, dtype=dtype)
         else:
             weights = load_checkpoint(config.model, device=self.device, dtype=dtype)
             model_config = weights.config
-            tokenizer = load_tokenizer(config.model)
-            if tokenizer is None:
+            found = load_tokenizer(config.model)
+            if found is None:
                 raise ValueError(f"{config.model}: no tokenizer.json beside the weights")
-            self.tokenizer = tokenizer
+            self.tokenizer = found
         self.model_config: ModelConfig = model_config
         max_context = min(config.max_context, model_config.max_position_embeddings)
         self.shape = self._plan_cache(
