@@ -132,3 +132,11 @@ def test_healthcheck_reports_an_unreachable_server_as_unhealthy() -> None:
     )
     assert result.returncode == 1
     assert "unhealthy: UNAVAILABLE" in result.stderr
+
+
+def test_default_command_is_a_valid_serve_command() -> None:
+    from service.cli import build_parser
+    from service.cli_serve import config_from_args
+
+    config = config_from_args(build_parser().parse_args(exec_form(dict(final_stage())["CMD"])))
+    assert (config.model, config.device, config.host) == ("/models", "cuda", "0.0.0.0")

@@ -318,3 +318,17 @@ def test_hpa_scales_the_deployment_on_the_metric_prometheus_adapter_serves() -> 
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
     assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_container_args_are_a_valid_serve_command(overlay: str) -> None:
+    """The real CLI parses the args and builds a valid ServerConfig from them."""
+    from service.cli import build_parser
+    from service.cli_serve import config_from_args
+
+    c = container(render(f"overlays/{overlay}"))
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "serve"
+    config = config_from_args(args)
+    assert config.port == ports(c)["grpc"] and config.metrics_port == ports(c)["metrics"]
+    assert config.grace_period_s == float(flag(c["args"], "grace-period"))
