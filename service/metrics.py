@@ -6,8 +6,12 @@ Every metric is prefixed `gptoss_`, carries its unit in the name and has explici
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.exposition import generate_latest
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 
 from scheduler.stats import GaugeStats, RequestStats, StepStats
 
@@ -21,6 +25,11 @@ STEP_BUCKETS = (
 )
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass  # one line per scrape would drown the server log
 
 
 class Metrics:
@@ -115,7 +124,13 @@ class Metrics:
     # ---- exposition -------------------------------------------------------------------------------
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP on `port` (0 picks a free one); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_cls = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        server = make_server(host.strip("[]"), port, make_wsgi_app(self.registry), server_cls,
+                             handler_class=_QuietHandler)
+        # A short poll interval keeps shutdown quick (the default waits up to 0.5 s).
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="metrics-http", daemon=True).start()
         self._http = server
         return int(server.server_port)
 

@@ -77,3 +77,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+@pytest.fixture
+def slow_engine():  # noqa: ANN201
+    """slow_engine(delay_s=0.01, max_slots=8) -> a real tiny engine whose steps take at least delay_s."""
+    from runtime.engine import Engine, EngineConfig
+    from tests.service_fakes import Throttled
+
+    def make(delay_s: float = 0.01, max_slots: int = SERVER_DEFAULTS["max_slots"]) -> Throttled:
+        engine = Engine(EngineConfig(dtype="float32", max_slots=max_slots,
+                                     max_context=SERVER_DEFAULTS["max_context"],
+                                     max_chunk_tokens=SERVER_DEFAULTS["max_chunk_tokens"]))
+        return Throttled(engine, delay_s)
+
+    return make

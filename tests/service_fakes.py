@@ -113,3 +113,21 @@ def generate_alone(
         if tok in stop_ids:
             break
     return out
+
+
+class Throttled:
+    """Wraps an engine so every step takes at least `delay_s`: long requests stay in flight long
+    enough for a test to cancel, abort or drain them mid-stream (no timing is asserted)."""
+
+    def __init__(self, engine: object, delay_s: float = 0.01) -> None:
+        self._engine = engine
+        self.delay_s = delay_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def step(self, plan: StepPlan) -> StepResult:
+        import time
+
+        time.sleep(self.delay_s)
+        return self._engine.step(plan)  # type: ignore[attr-defined]
