@@ -234,7 +234,8 @@ def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n
     if got != want:
         raise ValueError(f"{name}: codes/scales/bias shapes {got}, expected {want}")
     if w.dtype != torch.uint8 or s.dtype != torch.uint8 or b.dtype != torch.float32:
-        raise ValueError(f"{name}: dtypes {w.dtype}/{s.dtype}/{b.dtype}, expected u8/u8/fp32")
+        raise ValueError(f"{name}: codes/scales/bias dtypes {w.dtype}/{s.dtype}/{b.dtype}, "
+                         "expected u8/u8/fp32")
     if w.stride(2) != 1 or s.stride(2) != 1 or b.stride(1) != 1:
         raise ValueError(f"{name}: codes, scales and bias need a contiguous last dimension")
     for t in (w, s, b):
