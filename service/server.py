@@ -225,11 +225,12 @@ async def serve(config: ServerConfig, port_file: str | None = None) -> int:
 class BackgroundServer:
     """A server on its own thread and event loop; `with BackgroundServer(cfg) as s: s.port`."""
 
-    def __init__(self, config: ServerConfig, engine=None, timeout: float = 120.0) -> None:  # noqa: ANN001
+    def __init__(self, config: ServerConfig, engine=None, timeout: float = 120.0,  # noqa: ANN001
+                 wait_ready: bool = True) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="server", daemon=True)
         self._thread.start()
-        self.handle: ServerHandle = self.call(start_server(config, engine), timeout)
+        self.handle: ServerHandle = self.call(start_server(config, engine, wait_ready), timeout)
 
     def call(self, coro, timeout: float | None = 60.0):  # noqa: ANN001, ANN201
         """Run a coroutine on the server's loop and wait for its result."""

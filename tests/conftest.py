@@ -27,9 +27,9 @@ def make_server() -> Iterator[Callable[..., object]]:
 
     started: list[BackgroundServer] = []
 
-    def make(engine: object = None, **overrides: object) -> BackgroundServer:
+    def make(engine: object = None, wait_ready: bool = True, **overrides: object) -> BackgroundServer:
         config = replace(ServerConfig(**SERVER_DEFAULTS), **overrides)
-        server = BackgroundServer(config, engine=engine)
+        server = BackgroundServer(config, engine=engine, wait_ready=wait_ready)
         started.append(server)
         return server
 
