@@ -1,0 +1,88 @@
+"""The Triton backend of `runtime.ops.Ops`: the fused GPU kernels of kernels/ (DESIGN §6).
+
+Same signatures and semantics as `TorchOps` (whose torch references are these kernels' oracles).
+Decode-only batches use the flash-decoding kernel, which reads only device tensors and so can be
+captured in a CUDA graph; mixed/prefill batches use the varlen prefill kernel, which reads the
+batch's host-side sequence lists. The MoE block calls `kernels.moe.moe_forward` (MXFP4 grouped GEMMs)
+when that module is importable, else the torch reference (which syncs: not graph-capturable).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels.decode_attention import decode_attention
+from kernels.moe_ref import moe_ref
+from kernels.prefill_attention import prefill_attention
+from kernels.rmsnorm import rmsnorm
+from kernels.rope import rope_cache_write
+from runtime.config import ModelConfig
+from runtime.model_weights import LayerWeights, ModelWeights
+
+log = logging.getLogger(__name__)
+
+
+def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
+    """(moe_forward, prepare_moe) from kernels.moe, or (None, None) when it is not there."""
+    try:
+        from kernels import moe
+    except ImportError as exc:
+        log.warning("kernels.moe unavailable (%s): the MoE block runs the torch reference", exc)
+        return None, None
+    return getattr(moe, "moe_forward", None), getattr(moe, "prepare_moe", None)
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._moe_forward, self._prepare_moe = _moe_backend()
+        self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout
+
+    def prepare(self, weights: ModelWeights) -> None:
+        if self._prepare_moe is None:
+            return
+        for layer in weights.layers:
+            self._prepared[id(layer)] = self._prepare_moe(layer)
+
+    def rmsnorm(self, x, scale, eps, residual):  # noqa: ANN001, ANN201 - see Ops
+        return rmsnorm(x, scale, eps, residual)
+
+    def rope_cache_write(self, q, k, v, cos, sin, batch, k_cache, v_cache):  # noqa: ANN001, ANN201
+        if not batch.decode_only:
+            # The kernel does not order duplicate cache targets: a sequence's chunk must fit the
+            # ring (the engine's max_chunk_tokens ≤ capacity guarantees it).
+            cu = batch.cu_seqlens
+            longest = max((cu[i + 1] - cu[i] for i in range(len(cu) - 1)), default=0)
+            if longest > k_cache.shape[1]:
+                raise ValueError(
+                    f"a {longest}-token chunk exceeds the cache capacity {k_cache.shape[1]}"
+                )
+        return rope_cache_write(
+            q, k, v, cos, sin, batch.positions, batch.slot_ids, k_cache, v_cache
+        )
+
+    def attention(self, q, k_cache, v_cache, batch, sinks, window, scale):  # noqa: ANN001, ANN201
+        if batch.decode_only:
+            return decode_attention(
+                q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale
+            )
+        return prefill_attention(
+            q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
+            sinks, window, scale,
+        )
+
+    def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
+        if self._moe_forward is not None:
+            prepared = self._prepared.get(id(layer))
+            return self._moe_forward(x, layer, config, prepared)
+        return moe_ref(
+            x, layer.gate_weight, layer.gate_bias,
+            layer.mlp1_blocks, layer.mlp1_scales, layer.mlp1_bias,
+            layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias,
+            config.experts_per_token, config.swiglu_alpha, config.swiglu_limit,
+        )
