@@ -10,12 +10,24 @@ import socket
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 
 from scheduler.stats import GaugeStats, RequestStats, StepStats
 
+disable_created_metrics()  # `*_created` series double the output and nothing here reads them
+
 PREFIX = "gptoss_"
+FINISH_REASONS = ("length", "stop", "stop_sequence", "aborted", "error")
+ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL",
+               "UNAUTHENTICATED", "ALREADY_EXISTS")
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
     7.5, 10.0, 20.0, 40.0, 80.0,
@@ -86,8 +98,13 @@ class Metrics:
             PREFIX + "kv_cache_usage_ratio", "KV-cache positions held by running requests / all.",
             registry=reg,
         )
+        # Export every known series from the start, so rate() and alerts see zeros, not gaps.
         for kind in ("prefill", "decode"):
-            self.step.labels(kind=kind)  # export both series from the start
+            self.step.labels(kind=kind)
+        for reason in FINISH_REASONS:
+            self.requests.labels(finish_reason=reason)
+        for code in ERROR_CODES:
+            self.errors.labels(code=code)
         self._http = None
 
     # ---- StatsSink (called on the engine thread; prometheus_client is thread-safe) -------------

@@ -185,3 +185,12 @@ def test_a_client_from_the_proto_alone_can_stream(server) -> None:  # noqa: ANN0
                                                                          ignore_eos=True))
         msgs = list(stub.StreamGenerate(req, timeout=30))
     assert sum(len(m.token_ids) for m in msgs) == 3 and msgs[-1].finish_reason == pb.LENGTH
+
+
+def test_prefix_reuse_through_the_server_keeps_outputs_exact(client, engine_alone) -> None:  # noqa: ANN001
+    prompt = list(range(50, 90))
+    first = client.generate(prompt, max_new_tokens=8, **GREEDY_KW)
+    follow = prompt + list(first.token_ids[:5]) + [7, 8]
+    reply = client.generate(follow, max_new_tokens=10, **GREEDY_KW)
+    assert reply.usage.cached_prompt_tokens == len(prompt) + 5
+    assert list(reply.token_ids) == alone(engine_alone, follow, 10)
