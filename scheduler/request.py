@@ -83,10 +83,13 @@ class Request:
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
 
     def tokens(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens at positions start … end-1 (prompt then output), without copying the rest:
+        a decode step asks for one token and must not cost O(sequence length)."""
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + tuple(self.output_ids))[start:end]
+        head = self.prompt_ids[start:n] if start < n else ()
+        return head + tuple(self.output_ids[max(start - n, 0) : end - n])
 
     @property
     def is_finished(self) -> bool:

@@ -110,7 +110,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DuplicateRequest as exc:
             await self._fail(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        log.info("request %s: %d prompt tokens, peer %s", rid, len(ids), context.peer())
+        log.info("request=%s queued prompt_tokens=%d peer=%s", rid, len(ids), context.peer())
         return rid, queue
 
     async def _outputs(
@@ -122,15 +122,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             while not finished:
                 out = await queue.get()
                 finished = out.finished
+                if finished:
+                    log.info(
+                        "request=%s finish=%s prompt_tokens=%d completion_tokens=%d "
+                        "cached_tokens=%d", rid, out.finish_reason.value, out.prompt_tokens,
+                        out.completion_tokens, out.cached_tokens,
+                    )
                 if out.finish_reason is FinishReason.ERROR:
-                    log.error("request %s failed: %s", rid, out.error)
+                    log.error("request=%s failed: %s", rid, out.error)
                     await self._fail(
                         context, grpc.StatusCode.INTERNAL, f"request {rid} failed: {out.error}"
                     )
                 yield out
         finally:
             if not finished:  # cancelled, deadline exceeded, or the stream was dropped
-                log.info("request %s: caller went away, aborting", rid)
+                log.info("request=%s caller went away (cancel or deadline): aborting", rid)
                 self.state.engine_loop.abort(rid)
 
     async def Generate(self, request, context):  # noqa: ANN001, ANN201, N802

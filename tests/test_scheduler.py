@@ -264,3 +264,10 @@ def test_config_rejects_a_budget_smaller_than_the_decode_batch() -> None:
 
 def test_eos_constant_is_outside_the_byte_range() -> None:
     assert TOK.decode([EOS]) == ""
+
+
+@pytest.mark.parametrize("start,end", [(0, 3), (1, 5), (3, 6), (4, 5), (2, 2), (0, 6)])
+def test_request_tokens_span_prompt_and_output(start: int, end: int) -> None:
+    r = req("r", [10, 11, 12, 13])
+    r.output_ids.extend([20, 21])
+    assert r.tokens(start, end) == (10, 11, 12, 13, 20, 21)[start:end]
