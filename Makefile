@@ -21,6 +21,7 @@ serve: venv
 	$(BIN)/gptoss-serve generate --prompt "Hello, gpt-oss!" --max-new-tokens 24 --temperature 0
 
 test: venv
+	bash deploy/install-test-tools.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
