@@ -14,6 +14,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 128
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond: logits overflow
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
 SEED_MASK = (1 << 63) - 1  # the sampler keys its RNG with a signed 64-bit integer
 
 
@@ -100,20 +102,29 @@ def _sampling(request: pb.GenerateRequest, limits: Limits) -> SamplingParams:
                  "repetition_penalty"):
         if s.HasField(name) and not math.isfinite(getattr(s, name)):
             raise InvalidRequest(f"{name} must be a finite number, got {getattr(s, name)}")
+    repetition = _field(s, "repetition_penalty", 1.0)
+    if not MIN_REPETITION_PENALTY <= repetition <= MAX_REPETITION_PENALTY:
+        raise InvalidRequest(
+            f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}], "
+            f"got {repetition}"
+        )
+    temperature = _field(s, "temperature", 1.0)
+    if 0 < temperature < GREEDY_BELOW:
+        temperature = 0.0  # dividing logits by ~0 overflows: it means greedy anyway
     n_logprobs = request.logprobs if request.HasField("logprobs") else 0
     n_top = request.top_logprobs if request.HasField("top_logprobs") else 0
     if max(n_logprobs, n_top) > MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"logprobs and top_logprobs must be ≤ {MAX_TOP_LOGPROBS}")
     try:
         return SamplingParams(
-            temperature=_field(s, "temperature", 1.0),
+            temperature=temperature,
             top_p=_field(s, "top_p", 1.0),
             top_k=top_k,
             min_p=_field(s, "min_p", 0.0),
             seed=_field(s, "seed", 0) & SEED_MASK,
             presence_penalty=_field(s, "presence_penalty", 0.0),
             frequency_penalty=_field(s, "frequency_penalty", 0.0),
-            repetition_penalty=_field(s, "repetition_penalty", 1.0),
+            repetition_penalty=repetition,
             logprobs=request.HasField("logprobs") or request.HasField("top_logprobs"),
             top_logprobs=max(n_logprobs, n_top),
         )

@@ -194,3 +194,9 @@ def test_prefix_reuse_through_the_server_keeps_outputs_exact(client, engine_alon
     reply = client.generate(follow, max_new_tokens=10, **GREEDY_KW)
     assert reply.usage.cached_prompt_tokens == len(prompt) + 5
     assert list(reply.token_ids) == alone(engine_alone, follow, 10)
+
+
+def test_a_vanishing_temperature_is_greedy(client) -> None:  # noqa: ANN001
+    greedy = client.generate([6, 6], max_new_tokens=8, **GREEDY_KW)
+    tiny = client.generate([6, 6], max_new_tokens=8, ignore_eos=True, temperature=1e-30, seed=3)
+    assert list(tiny.token_ids) == list(greedy.token_ids)

@@ -37,6 +37,7 @@ BAD = {
     "min_p > 1": (req(min_p=1.5), "min_p"),
     "presence_penalty 3": (req(presence_penalty=3.0), "presence_penalty"),
     "repetition_penalty 0": (req(repetition_penalty=0.0), "repetition_penalty"),
+    "repetition_penalty huge": (req(repetition_penalty=1e30), "repetition_penalty"),
     "max_new_tokens 0": (req(max_new_tokens=0), "max_new_tokens"),
     "max_new_tokens over limit": (req(max_new_tokens=10_000), "max_new_tokens"),
     "min over max": (req(max_new_tokens=2, min_new_tokens=5), "min_new_tokens"),
