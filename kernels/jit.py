@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
+from triton.language import core as _tl_core
 
 
 def interpret_forced() -> bool:
@@ -58,24 +60,52 @@ class _Launcher:
 def _interpretable_stdlib() -> Iterator[None]:
     """triton.language's own helpers (tl.sum, tl.max, tl.cdiv, …) were decorated as compiled
     JITFunctions when triton was imported without TRITON_INTERPRET; while an interpreted kernel
-    runs, calls to them are routed through the interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
+    runs, calls to them go to their interpreter rewrite. The language is patched once for the
+    whole launch (tl and tl.core), so nested calls skip the interpreter's costly per-call
+    re-patching (see _FastInterpreted)."""
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.__call__
 
     def call(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
-        wrapped = _INTERPRETED.get(self.fn)
-        if wrapped is None:
-            wrapped = _INTERPRETED[self.fn] = InterpretedFunction(self.fn)
-        return wrapped(*args, **kwargs)
+        return _rewritten(self.fn)(*args, **kwargs)
 
     with _PATCH_LOCK:
+        scope = interpreter._patch_lang(_probe)
         JITFunction.__call__ = call  # type: ignore[method-assign]
         try:
             yield
         finally:
             JITFunction.__call__ = original  # type: ignore[method-assign]
+            scope.restore()
+
+
+def _probe() -> None:
+    """Its globals name both tl and tl.core, so patching for it patches the whole language."""
+    _ = (tl, _tl_core)
+
+
+def _rewritten(fn: Callable) -> Callable:
+    rewritten = _INTERPRETED.get(fn)
+    if rewritten is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        rewritten = _INTERPRETED[fn] = InterpretedFunction(fn).rewrite()
+    return rewritten
+
+
+def _fast_interpreted(fn: Callable) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    class _FastInterpreted(InterpretedFunction):
+        """Launched with [grid] like any interpreted kernel; called from another kernel it runs
+        its rewrite directly (the launch already patched the language)."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return self.rewrite()(*args, **kwargs)
+
+    return _FastInterpreted(fn)
 
 
 _INTERPRETED: dict[Callable, Any] = {}
@@ -142,6 +172,11 @@ class KernelSet:
                 copy.__qualname__ = fn.__qualname__
                 copy.__doc__ = fn.__doc__
                 copy.__annotations__ = dict(fn.__annotations__)
-                g[name] = InterpretedFunction(copy) if interpret else triton.jit(copy)
+                if not interpret:
+                    g[name] = triton.jit(copy)
+                elif interpret_forced():
+                    g[name] = InterpretedFunction(copy)
+                else:
+                    g[name] = _fast_interpreted(copy)
             self._bound[interpret] = g
         return self._bound[interpret]
