@@ -14,10 +14,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
 from runtime.types import SampledToken, SeqWork, StepPlan, StepResult
+from scheduler.config import DuplicateRequest, QueueFull, SchedulerConfig, StepEngine
 from scheduler.request import FinishReason, Request, RequestOutput, RequestState
 from scheduler.slots import SlotTable
 from scheduler.stats import GaugeStats, NullSink, RequestStats, StatsSink, StepStats
@@ -25,41 +25,7 @@ from scheduler.text import IncrementalText
 
 log = logging.getLogger(__name__)
 
-
-class QueueFull(Exception):
-    """The waiting queue is at max_queue: try again later."""
-
-
-class DuplicateRequest(ValueError):
-    """A request with this id is already in flight."""
-
-
-class StepEngine(Protocol):
-    def step(self, plan: StepPlan) -> StepResult: ...
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_slots: int
-    max_context: int
-    max_chunk_tokens: int = 512  # longest prefill chunk of one request in one step
-    max_step_tokens: int = 2048  # tokens fed per step, all requests together
-    max_queue: int = 1024  # waiting (not yet admitted) requests; beyond: QueueFull
-    prefix_reuse_slack: int = 0  # see SlotTable.reusable_prefix
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("max_slots", "max_context", "max_chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.max_step_tokens < self.max_slots:
-            # Every running request must get its decode token in every step.
-            raise ValueError(
-                f"max_step_tokens ({self.max_step_tokens}) must be ≥ max_slots ({self.max_slots})"
-            )
-        if self.max_queue < 0 or self.prefix_reuse_slack < 0:
-            raise ValueError("max_queue and prefix_reuse_slack must be ≥ 0")
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+__all__ = ["DuplicateRequest", "QueueFull", "Scheduler", "SchedulerConfig", "StepEngine"]
 
 
 class Scheduler:

@@ -1,0 +1,44 @@
+"""SchedulerConfig and the scheduler's refusals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from runtime.types import StepPlan, StepResult
+
+
+class QueueFull(Exception):
+    """The waiting queue is at max_queue: try again later."""
+
+
+class DuplicateRequest(ValueError):
+    """A request with this id is already in flight."""
+
+
+class StepEngine(Protocol):
+    def step(self, plan: StepPlan) -> StepResult: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_slots: int
+    max_context: int
+    max_chunk_tokens: int = 512  # longest prefill chunk of one request in one step
+    max_step_tokens: int = 2048  # tokens fed per step, all requests together
+    max_queue: int = 1024  # waiting (not yet admitted) requests; beyond: QueueFull
+    prefix_reuse_slack: int = 0  # see SlotTable.reusable_prefix
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "max_context", "max_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_step_tokens < self.max_slots:
+            # Every running request must get its decode token in every step.
+            raise ValueError(
+                f"max_step_tokens ({self.max_step_tokens}) must be ≥ max_slots ({self.max_slots})"
+            )
+        if self.max_queue < 0 or self.prefix_reuse_slack < 0:
+            raise ValueError("max_queue and prefix_reuse_slack must be ≥ 0")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
