@@ -271,3 +271,13 @@ def test_request_tokens_span_prompt_and_output(start: int, end: int) -> None:
     r = req("r", [10, 11, 12, 13])
     r.output_ids.extend([20, 21])
     assert r.tokens(start, end) == (10, 11, 12, 13, 20, 21)[start:end]
+
+
+def test_the_scheduler_never_imports_torch() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, scheduler; assert 'torch' not in sys.modules, 'torch was imported'"
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=60)
