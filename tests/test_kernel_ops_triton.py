@@ -1,0 +1,65 @@
+"""TritonOps (interpreted on CPU tensors) runs the tiny model to the same logits as TorchOps.
+
+fp32 so that differences are the kernels' own; prefill chunks, mixed prefill + decode steps and
+decode steps that cross the sliding window and wrap its ring buffer. The MoE block uses the torch
+reference here (its kernels have their own tests), keeping this test about attention/norm/rope.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.batch import build_batch
+from runtime.config import preset
+from runtime.kv_cache import CacheShape, KVCache
+from runtime.model import Model
+from runtime.ops import TorchOps
+from runtime.ops_triton import TritonOps
+from runtime.synthetic import random_weights
+from runtime.types import SeqWork, StepPlan
+
+
+def make_model(ops) -> Model:  # noqa: ANN001
+    cfg = preset("tiny")
+    weights = random_weights(cfg, seed=3, device="cpu", dtype=torch.float32)
+    shape = CacheShape(max_slots=3, max_context=64, max_chunk_tokens=8)  # sliding ring: 16+8-1
+    return Model(weights, KVCache(cfg, shape, "cpu", torch.float32), 64, ops=ops)
+
+
+def steps() -> list[StepPlan]:
+    """slot 0: a 21-token prompt in chunks of 8, then decode to position 40 (past the window of
+    16 and around the 23-position ring); slot 2 joins mid-way with a 5-token prompt."""
+    prompt0 = [(7 * i + 3) % 250 for i in range(21)]
+    plans = [StepPlan((SeqWork(0, tuple(prompt0[a : a + 8]), a, sample=a + 8 >= 21),))
+             for a in range(0, 21, 8)]
+    pos0 = 21
+    prompt2 = (5, 9, 200, 13, 1)
+    plans.append(StepPlan((SeqWork(0, (11,), pos0, sample=True),
+                           SeqWork(2, prompt2, 0, sample=True))))  # mixed: decode + prefill
+    pos0 += 1
+    for i in range(19):
+        plans.append(StepPlan((SeqWork(0, ((i * 13) % 250,), pos0 + i, sample=True),
+                               SeqWork(2, ((i * 5) % 250,), 5 + i, sample=True))))
+    return plans
+
+
+def test_triton_ops_give_the_torch_logits() -> None:
+    ops = TritonOps()
+    ops._moe_forward = None  # the torch reference MoE
+    torch_model, triton_model = make_model(TorchOps()), make_model(ops)
+    for plan in steps():
+        want = torch_model.forward(build_batch(plan, "cpu"))
+        got = triton_model.forward(build_batch(plan, "cpu"))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for layer in range(len(torch_model.cache.k)):  # the same cache contents, ring slots included
+        for got, want in ((triton_model.cache.k, torch_model.cache.k),
+                          (triton_model.cache.v, torch_model.cache.v)):
+            torch.testing.assert_close(got[layer], want[layer], rtol=1e-4, atol=1e-4)
+
+
+def test_triton_ops_refuse_a_chunk_longer_than_the_ring() -> None:
+    model = make_model(TritonOps())
+    plan = StepPlan((SeqWork(0, tuple(range(30)), 0, sample=True),))  # ring holds 23
+    with pytest.raises(ValueError, match="capacity"):
+        model.forward(build_batch(plan, "cpu"))
