@@ -27,7 +27,7 @@ disable_created_metrics()  # `*_created` series double the output and nothing he
 PREFIX = "gptoss_"
 FINISH_REASONS = ("length", "stop", "stop_sequence", "aborted", "error")
 ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL",
-               "UNAUTHENTICATED", "ALREADY_EXISTS")
+               "UNAUTHENTICATED", "ALREADY_EXISTS", "CANCELLED", "DEADLINE_EXCEEDED")
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
     7.5, 10.0, 20.0, 40.0, 80.0,
@@ -80,7 +80,9 @@ class Metrics:
             PREFIX + "requests_total", "Finished requests.", ("finish_reason",), registry=reg
         )
         self.errors = Counter(
-            PREFIX + "request_errors_total", "Requests answered with an error status.",
+            PREFIX + "request_errors_total",
+            "Requests that ended with an error status (CANCELLED/DEADLINE_EXCEEDED: the caller "
+            "went away).",
             ("code",), registry=reg,
         )
         self.graph_replays = Counter(

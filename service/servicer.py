@@ -136,7 +136,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield out
         finally:
             if not finished:  # cancelled, deadline exceeded, or the stream was dropped
-                log.info("request=%s caller went away (cancel or deadline): aborting", rid)
+                remaining = context.time_remaining()
+                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else (
+                    "CANCELLED")
+                log.info("request=%s caller went away (%s): aborting", rid, code)
+                if self.state.metrics is not None:
+                    self.state.metrics.on_error(code)
                 self.state.engine_loop.abort(rid)
 
     async def Generate(self, request, context):  # noqa: ANN001, ANN201, N802

@@ -41,6 +41,7 @@ def test_client_cancel_mid_stream_frees_the_slot_and_others_carry_on(
     m = scrape(slow_server.metrics_port)
     assert m['gptoss_requests_total{finish_reason="aborted"}'] == 1
     assert m['gptoss_requests_total{finish_reason="length"}'] == 1
+    assert m['gptoss_request_errors_total{code="CANCELLED"}'] == 1
 
 
 def test_deadline_exceeded_aborts_the_request(slow_server) -> None:  # noqa: ANN001
@@ -49,7 +50,10 @@ def test_deadline_exceeded_aborts_the_request(slow_server) -> None:  # noqa: ANN
         c.generate([1, 2, 3], **LONG)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: idle(slow_server), what="slots to be freed")
-    assert scrape(slow_server.metrics_port)['gptoss_requests_total{finish_reason="aborted"}'] == 1
+    m = scrape(slow_server.metrics_port)
+    assert m['gptoss_requests_total{finish_reason="aborted"}'] == 1
+    assert m['gptoss_request_errors_total{code="DEADLINE_EXCEEDED"}'] == 1
+    assert m['gptoss_request_errors_total{code="CANCELLED"}'] == 0
 
 
 def test_abort_rpc_ends_the_stream_with_aborted(slow_server) -> None:  # noqa: ANN001
