@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 serve: venv
-	$(BIN)/gptoss-serve generate --prompt "Hello, gpt-oss!" --max-new-tokens 24 --temperature 0
+	$(BIN)/gptoss-serve serve --host 127.0.0.1 --port 50051 --metrics-port 9090
 
 test: venv
 	bash deploy/install-test-tools.sh
