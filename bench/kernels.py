@@ -1,0 +1,153 @@
+"""Per-kernel micro-benchmarks at gpt-oss-20b shapes against each kernel's own roofline.
+
+    python -m bench.kernels [--quick]
+
+Decode attention: bytes = the K and V rows each row reads (B × keys × nkv × d × 2 × 2 B) ÷ copy
+bandwidth; timed inside a CUDA graph (as in the decode step) with a cache allocated for 128k
+positions, to show that the time follows the slots' lengths, not the allocation. Prefill
+attention: FLOPs = 4 · nq · d · Σ keys per query ÷ the bf16 GEMM rate. rmsnorm, rope+KV write and
+sampling: bytes ÷ bandwidth. Results go to bench/results/kernels.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import Peaks, cuda_time, graph_time, measure_peaks, record, require_cuda
+from kernels.decode_attention import decode_attention
+from kernels.prefill_attention import prefill_attention
+from kernels.rmsnorm import rmsnorm
+from kernels.rope import rope_cache_write
+from kernels.sampling import sample
+from runtime.config import preset
+from runtime.rope import rope_table
+
+CFG = preset("20b")
+NQ, NKV, D = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+BF16 = torch.bfloat16
+
+
+def show(kind: str, shape: str, t: float, roof: float, extra: str = "") -> None:
+    print(f"{kind:<18} {shape:<34} {t * 1e6:9.1f} us  roofline {roof * 1e6:8.1f} us  "
+          f"{t / roof if roof else float('nan'):5.2f}x  {extra}")
+
+
+def bench_decode(peaks: Peaks, quick: bool) -> None:
+    cap = 131072 if not quick else 32768
+    slots = 64
+    sinks = torch.randn(NQ, device="cuda")
+    for window, capacity in ((0, cap), (CFG.sliding_window, CFG.sliding_window + 511)):
+        kc = torch.randn(slots + 1, capacity, NKV, D, device="cuda", dtype=BF16)
+        vc = torch.randn_like(kc)
+        for batch, ctx in ((1, 1024), (1, 4096), (1, 32768), (8, 4096), (32, 4096), (64, 1024),
+                           (64, 4096)):
+            if window and ctx != 4096:
+                continue
+            q = torch.randn(batch, NQ, D, device="cuda", dtype=BF16)
+            slot_ids = torch.arange(batch, device="cuda")
+            pos = torch.full((batch,), ctx - 1, device="cuda")
+            keys = min(ctx, window) if window else ctx
+            nbytes = batch * keys * NKV * D * 2 * 2
+
+            def fn(q=q, slot_ids=slot_ids, pos=pos, kc=kc, vc=vc, window=window) -> None:
+                decode_attention(q, kc, vc, slot_ids, pos, sinks, window, D**-0.5)
+
+            t = graph_time(fn)
+            roof = nbytes / peaks.bandwidth
+            name = "decode_attn_swa" if window else "decode_attn"
+            show(name, f"B={batch} ctx={ctx} alloc={capacity}", t, roof,
+                 f"{nbytes / t / 1e9:7.0f} GB/s")
+            record("kernels", {"kernel": name, "batch": batch, "context": ctx,
+                               "capacity": capacity, "us": t * 1e6, "roofline_us": roof * 1e6})
+        del kc, vc
+
+
+def bench_prefill(peaks: Peaks, quick: bool) -> None:
+    sinks = torch.randn(NQ, device="cuda")
+    for window in (0, CFG.sliding_window):
+        for prompt in (1024, 4096) if quick else (1024, 4096, 16384):
+            cap = prompt if not window else window + prompt - 1
+            kc = torch.randn(2, cap, NKV, D, device="cuda", dtype=BF16)
+            vc = torch.randn_like(kc)
+            q = torch.randn(prompt, NQ, D, device="cuda", dtype=BF16)
+            keys = sum(min(i + 1, window) if window else i + 1 for i in range(prompt))
+            flops = 4 * NQ * D * keys
+
+            def fn(q=q, kc=kc, vc=vc, prompt=prompt, window=window) -> None:
+                prefill_attention(q, kc, vc, [0, prompt], [0], [0], sinks, window, D**-0.5)
+
+            t = cuda_time(fn, iters=10)
+            roof = flops / peaks.gemm
+            name = "prefill_attn_swa" if window else "prefill_attn"
+            show(name, f"T={prompt}", t, roof, f"{flops / t / 1e12:6.0f} TFLOP/s")
+            record("kernels", {"kernel": name, "prompt": prompt, "us": t * 1e6,
+                               "roofline_us": roof * 1e6})
+
+
+def bench_small(peaks: Peaks) -> None:
+    h = CFG.hidden_size
+    scale = torch.ones(h, device="cuda")
+    cos, sin = rope_table(CFG, 8192, "cuda")
+    kc = torch.zeros(9, 8192, NKV, D, device="cuda", dtype=BF16)
+    vc = torch.zeros_like(kc)
+    for t_ in (1, 64, 4096):
+        x, r = (torch.randn(t_, h, device="cuda", dtype=BF16) for _ in range(2))
+        t = graph_time(lambda x=x, r=r: rmsnorm(x, scale, 1e-5, r))
+        roof = 4 * t_ * h * 2 / peaks.bandwidth
+        show("rmsnorm+residual", f"T={t_}", t, roof)
+        record("kernels", {"kernel": "rmsnorm", "tokens": t_, "us": t * 1e6,
+                           "roofline_us": roof * 1e6})
+        qkv = torch.randn(t_, (NQ + 2 * NKV) * D, device="cuda", dtype=BF16)
+        q = qkv[:, : NQ * D].view(t_, NQ, D)
+        k = qkv[:, NQ * D : (NQ + NKV) * D].view(t_, NKV, D)
+        v = qkv[:, (NQ + NKV) * D :].view(t_, NKV, D)
+        pos = torch.arange(t_, device="cuda")
+        slots = torch.zeros(t_, dtype=torch.long, device="cuda")
+
+        def rope_fn(q=q, k=k, v=v, pos=pos, slots=slots) -> None:
+            rope_cache_write(q, k, v, cos, sin, pos, slots, kc, vc)
+
+        t = graph_time(rope_fn)
+        roof = 2 * qkv.numel() * 2 / peaks.bandwidth
+        show("rope+kv_write", f"T={t_}", t, roof)
+        record("kernels", {"kernel": "rope_cache_write", "tokens": t_, "us": t * 1e6,
+                           "roofline_us": roof * 1e6})
+    vocab = CFG.vocab_size
+    for batch in (1, 8, 64):
+        logits = torch.randn(batch, vocab, device="cuda") * 3
+        ones = torch.ones(batch, device="cuda")
+        for label, tk, tp in (("greedy", 1, 1.0), ("top_k=50", 50, 1.0),
+                              ("top_p=0.9", 0, 0.9), ("all", 50, 0.9)):
+            kw = dict(temperature=ones if label != "greedy" else ones * 0,
+                      top_k=torch.full((batch,), tk, device="cuda"),
+                      top_p=ones * tp, min_p=ones * 0.0,
+                      seeds=torch.arange(batch, device="cuda"),
+                      positions=torch.arange(batch, device="cuda"))
+            t = graph_time(lambda kw=kw, logits=logits: sample(logits, **kw))
+            roof = batch * vocab * 4 / peaks.bandwidth  # one read of the logits
+            show("sample", f"B={batch} {label}", t, roof)
+            record("kernels", {"kernel": "sample", "batch": batch, "mode": label,
+                               "us": t * 1e6, "roofline_us": roof * 1e6})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    parser.add_argument("--only", choices=["decode", "prefill", "small"], default=None)
+    args = parser.parse_args()
+    require_cuda()
+    peaks = measure_peaks()
+    print(f"peaks: copy {peaks.bandwidth / 1e12:.2f} TB/s, bf16 GEMM {peaks.gemm / 1e12:.0f} "
+          f"TFLOP/s")
+    if args.only in (None, "decode"):
+        bench_decode(peaks, args.quick)
+    if args.only in (None, "prefill"):
+        bench_prefill(peaks, args.quick)
+    if args.only in (None, "small"):
+        bench_small(peaks)
+
+
+if __name__ == "__main__":
+    main()
