@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,14 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# BENCH_DEVICE=cpu runs the benchmarks' code on the CPU (Triton interpreter, tiny shapes): a smoke
+# test of the scripts themselves, never a measurement.
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,11 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
     """Mean seconds per call of fn on the current stream (CUDA events, after a warm-up)."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -47,6 +61,8 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
 def graph_time(fn: Callable[[], object], iters: int = 20, calls_per_graph: int = 10) -> float:
     """Seconds per call with `calls_per_graph` calls captured in one CUDA graph (no launch gaps):
     what the kernel costs inside the decode graph."""
+    if DEVICE != "cuda":
+        return cuda_time(fn, iters=1, warmup=1)
     fn()  # compile outside capture
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -60,6 +76,8 @@ def graph_time(fn: Callable[[], object], iters: int = 20, calls_per_graph: int =
 
 
 def measure_peaks() -> Peaks:
+    if DEVICE != "cuda":
+        return Peaks(bandwidth=1e10, gemm=1e11)  # placeholders for the CPU smoke run
     n = 1 << 28  # 512 MiB of bf16 per buffer
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
@@ -93,7 +111,7 @@ def record(name: str, row: dict) -> dict:
     row = {**row, "device": device_name(), "commit": commit(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     line = json.dumps(row, sort_keys=True)
-    targets = [RESULTS / f"{name}.jsonl"]
+    targets = [RESULTS / f"{name}.jsonl"] if DEVICE == "cuda" else []  # no CPU smoke figures
     if os.environ.get("OUT"):
         targets.append(Path(os.environ["OUT"]) / f"{name}.jsonl")
     for path in targets:
@@ -104,5 +122,5 @@ def record(name: str, row: dict) -> dict:
 
 
 def require_cuda() -> None:
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.common import measure_peaks, record, require_cuda
+from bench.common import DEVICE, measure_peaks, record, require_cuda, sync
 from bench.roofline import decode_bytes
 from runtime.config import preset
 from runtime.engine import Engine, EngineConfig
@@ -37,7 +37,7 @@ def decode_plan(batch: int, context: int) -> StepPlan:
 def time_steps(engine: Engine, plan: StepPlan, steps: int) -> float:
     for _ in range(3):
         engine.step(plan)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step(plan)  # ends with the host reading the tokens: a full step
@@ -56,16 +56,18 @@ def profile(engine: Engine, plan: StepPlan, top: int = 25) -> None:
         engine.sampler.sample(logits, list(plan.work))
 
     eager()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+    with torch_profile(activities=[activity]) as prof:
         for _ in range(3):
             eager()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+        sync()
+    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
 
 
 def make_engine(weights, slots: int, context: int, graphs: bool) -> Engine:  # noqa: ANN001
-    cfg = EngineConfig(device="cuda", dtype="bfloat16", max_slots=slots, max_context=context,
+    cfg = EngineConfig(device=DEVICE, dtype="bfloat16", max_slots=slots, max_context=context,
                        max_chunk_tokens=256, cuda_graphs=graphs, kernels="triton")
     engine = Engine(cfg, weights=weights)
     engine.warmup()
@@ -87,7 +89,7 @@ def main() -> None:
     cfg = preset(args.shape)
     print(f"peaks: copy {peaks.bandwidth / 1e12:.2f} TB/s, bf16 GEMM {peaks.gemm / 1e12:.0f} "
           f"TFLOP/s; shape {args.shape}, cuda graphs {'on' if args.graphs else 'off'}")
-    weights = random_weights(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    weights = random_weights(cfg, seed=0, device=DEVICE, dtype=torch.bfloat16)
 
     def run(engine: Engine, batch: int, context: int) -> None:
         t = time_steps(engine, decode_plan(batch, context), args.steps)

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from bench.common import Peaks, cuda_time, graph_time, measure_peaks, record, require_cuda
+from bench.common import DEVICE, Peaks, cuda_time, graph_time, measure_peaks, record, require_cuda
 from kernels.decode_attention import decode_attention
 from kernels.prefill_attention import prefill_attention
 from kernels.rmsnorm import rmsnorm
@@ -27,6 +27,18 @@ from runtime.rope import rope_table
 CFG = preset("20b")
 NQ, NKV, D = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
 BF16 = torch.bfloat16
+# (batch, context) of decode attention, prompts of prefill attention, tokens of the small kernels,
+# batches of sampling, allocated full-layer context
+SIZES = {
+    "full": dict(decode=[(1, 1024), (1, 4096), (1, 32768), (8, 4096), (32, 4096), (64, 1024),
+                         (64, 4096)], prefill=[1024, 4096, 16384], tokens=[1, 64, 4096],
+                 sample=[1, 8, 64], alloc=131072, slots=64),
+    "quick": dict(decode=[(1, 4096), (1, 32768), (32, 4096)], prefill=[1024, 4096],
+                  tokens=[1, 4096], sample=[1, 64], alloc=32768, slots=32),
+    # BENCH_DEVICE=cpu: exercise the script in the interpreter (fp16: its bf16 dot is wrong)
+    "smoke": dict(decode=[(1, 40), (2, 100)], prefill=[33], tokens=[3], sample=[2],
+                  alloc=128, slots=2),
+}
 
 
 def show(kind: str, shape: str, t: float, roof: float, extra: str = "") -> None:
@@ -34,20 +46,18 @@ def show(kind: str, shape: str, t: float, roof: float, extra: str = "") -> None:
           f"{t / roof if roof else float('nan'):5.2f}x  {extra}")
 
 
-def bench_decode(peaks: Peaks, quick: bool) -> None:
-    cap = 131072 if not quick else 32768
-    slots = 64
-    sinks = torch.randn(NQ, device="cuda")
+def bench_decode(peaks: Peaks, sizes: dict) -> None:
+    cap, slots = sizes["alloc"], sizes["slots"]
+    sinks = torch.randn(NQ, device=DEVICE)
     for window, capacity in ((0, cap), (CFG.sliding_window, CFG.sliding_window + 511)):
-        kc = torch.randn(slots + 1, capacity, NKV, D, device="cuda", dtype=BF16)
+        kc = torch.randn(slots + 1, capacity, NKV, D, device=DEVICE, dtype=BF16)
         vc = torch.randn_like(kc)
-        for batch, ctx in ((1, 1024), (1, 4096), (1, 32768), (8, 4096), (32, 4096), (64, 1024),
-                           (64, 4096)):
-            if window and ctx != 4096:
+        for batch, ctx in sizes["decode"]:
+            if window and (batch, ctx) != sizes["decode"][-1]:
                 continue
-            q = torch.randn(batch, NQ, D, device="cuda", dtype=BF16)
-            slot_ids = torch.arange(batch, device="cuda")
-            pos = torch.full((batch,), ctx - 1, device="cuda")
+            q = torch.randn(batch, NQ, D, device=DEVICE, dtype=BF16)
+            slot_ids = torch.arange(batch, device=DEVICE)
+            pos = torch.full((batch,), ctx - 1, device=DEVICE)
             keys = min(ctx, window) if window else ctx
             nbytes = batch * keys * NKV * D * 2 * 2
 
@@ -64,14 +74,14 @@ def bench_decode(peaks: Peaks, quick: bool) -> None:
         del kc, vc
 
 
-def bench_prefill(peaks: Peaks, quick: bool) -> None:
-    sinks = torch.randn(NQ, device="cuda")
+def bench_prefill(peaks: Peaks, sizes: dict) -> None:
+    sinks = torch.randn(NQ, device=DEVICE)
     for window in (0, CFG.sliding_window):
-        for prompt in (1024, 4096) if quick else (1024, 4096, 16384):
+        for prompt in sizes["prefill"]:
             cap = prompt if not window else window + prompt - 1
-            kc = torch.randn(2, cap, NKV, D, device="cuda", dtype=BF16)
+            kc = torch.randn(2, cap, NKV, D, device=DEVICE, dtype=BF16)
             vc = torch.randn_like(kc)
-            q = torch.randn(prompt, NQ, D, device="cuda", dtype=BF16)
+            q = torch.randn(prompt, NQ, D, device=DEVICE, dtype=BF16)
             keys = sum(min(i + 1, window) if window else i + 1 for i in range(prompt))
             flops = 4 * NQ * D * keys
 
@@ -86,25 +96,25 @@ def bench_prefill(peaks: Peaks, quick: bool) -> None:
                                "roofline_us": roof * 1e6})
 
 
-def bench_small(peaks: Peaks) -> None:
+def bench_small(peaks: Peaks, sizes: dict) -> None:
     h = CFG.hidden_size
-    scale = torch.ones(h, device="cuda")
-    cos, sin = rope_table(CFG, 8192, "cuda")
-    kc = torch.zeros(9, 8192, NKV, D, device="cuda", dtype=BF16)
+    scale = torch.ones(h, device=DEVICE)
+    cos, sin = rope_table(CFG, 8192, DEVICE)
+    kc = torch.zeros(9, 8192, NKV, D, device=DEVICE, dtype=BF16)
     vc = torch.zeros_like(kc)
-    for t_ in (1, 64, 4096):
-        x, r = (torch.randn(t_, h, device="cuda", dtype=BF16) for _ in range(2))
+    for t_ in sizes["tokens"]:
+        x, r = (torch.randn(t_, h, device=DEVICE, dtype=BF16) for _ in range(2))
         t = graph_time(lambda x=x, r=r: rmsnorm(x, scale, 1e-5, r))
         roof = 4 * t_ * h * 2 / peaks.bandwidth
         show("rmsnorm+residual", f"T={t_}", t, roof)
         record("kernels", {"kernel": "rmsnorm", "tokens": t_, "us": t * 1e6,
                            "roofline_us": roof * 1e6})
-        qkv = torch.randn(t_, (NQ + 2 * NKV) * D, device="cuda", dtype=BF16)
+        qkv = torch.randn(t_, (NQ + 2 * NKV) * D, device=DEVICE, dtype=BF16)
         q = qkv[:, : NQ * D].view(t_, NQ, D)
         k = qkv[:, NQ * D : (NQ + NKV) * D].view(t_, NKV, D)
         v = qkv[:, (NQ + NKV) * D :].view(t_, NKV, D)
-        pos = torch.arange(t_, device="cuda")
-        slots = torch.zeros(t_, dtype=torch.long, device="cuda")
+        pos = torch.arange(t_, device=DEVICE)
+        slots = torch.zeros(t_, dtype=torch.long, device=DEVICE)
 
         def rope_fn(q=q, k=k, v=v, pos=pos, slots=slots) -> None:
             rope_cache_write(q, k, v, cos, sin, pos, slots, kc, vc)
@@ -115,16 +125,16 @@ def bench_small(peaks: Peaks) -> None:
         record("kernels", {"kernel": "rope_cache_write", "tokens": t_, "us": t * 1e6,
                            "roofline_us": roof * 1e6})
     vocab = CFG.vocab_size
-    for batch in (1, 8, 64):
-        logits = torch.randn(batch, vocab, device="cuda") * 3
-        ones = torch.ones(batch, device="cuda")
+    for batch in sizes["sample"]:
+        logits = torch.randn(batch, vocab, device=DEVICE) * 3
+        ones = torch.ones(batch, device=DEVICE)
         for label, tk, tp in (("greedy", 1, 1.0), ("top_k=50", 50, 1.0),
                               ("top_p=0.9", 0, 0.9), ("all", 50, 0.9)):
             kw = dict(temperature=ones if label != "greedy" else ones * 0,
-                      top_k=torch.full((batch,), tk, device="cuda"),
+                      top_k=torch.full((batch,), tk, device=DEVICE),
                       top_p=ones * tp, min_p=ones * 0.0,
-                      seeds=torch.arange(batch, device="cuda"),
-                      positions=torch.arange(batch, device="cuda"))
+                      seeds=torch.arange(batch, device=DEVICE),
+                      positions=torch.arange(batch, device=DEVICE))
             t = graph_time(lambda kw=kw, logits=logits: sample(logits, **kw))
             roof = batch * vocab * 4 / peaks.bandwidth  # one read of the logits
             show("sample", f"B={batch} {label}", t, roof)
@@ -138,15 +148,21 @@ def main() -> None:
     parser.add_argument("--only", choices=["decode", "prefill", "small"], default=None)
     args = parser.parse_args()
     require_cuda()
+    global CFG, NQ, NKV, D, BF16
+    sizes = SIZES["quick" if args.quick else "full"]
+    if DEVICE != "cuda":
+        sizes, BF16 = SIZES["smoke"], torch.float16
+        CFG = preset("tiny").with_(vocab_size=300)
+        NQ, NKV, D = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
     peaks = measure_peaks()
     print(f"peaks: copy {peaks.bandwidth / 1e12:.2f} TB/s, bf16 GEMM {peaks.gemm / 1e12:.0f} "
           f"TFLOP/s")
     if args.only in (None, "decode"):
-        bench_decode(peaks, args.quick)
+        bench_decode(peaks, sizes)
     if args.only in (None, "prefill"):
-        bench_prefill(peaks, args.quick)
+        bench_prefill(peaks, sizes)
     if args.only in (None, "small"):
-        bench_small(peaks)
+        bench_small(peaks, sizes)
 
 
 if __name__ == "__main__":

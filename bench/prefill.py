@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.common import measure_peaks, record, require_cuda
+from bench.common import DEVICE, measure_peaks, record, require_cuda, sync
 from bench.decode import ints
 from bench.roofline import prefill_flops
 from runtime.config import preset
@@ -40,16 +40,16 @@ def main() -> None:
     cfg = preset(args.shape)
     print(f"peaks: copy {peaks.bandwidth / 1e12:.2f} TB/s, bf16 GEMM {peaks.gemm / 1e12:.0f} "
           f"TFLOP/s; shape {args.shape}")
-    weights = random_weights(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    weights = random_weights(cfg, seed=0, device=DEVICE, dtype=torch.bfloat16)
     longest = max(args.prompts)
-    engine = Engine(EngineConfig(device="cuda", dtype="bfloat16", max_slots=1,
+    engine = Engine(EngineConfig(device=DEVICE, dtype="bfloat16", max_slots=1,
                                  max_context=longest + 1, max_chunk_tokens=longest,
                                  cuda_graphs=False, kernels="triton"), weights=weights)
     engine.warmup()
     for prompt in args.prompts:
         plan = prefill_plan(prompt, cfg.vocab_size)
         engine.step(plan)  # compiles this shape's kernels
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(args.repeats):
             engine.step(plan)

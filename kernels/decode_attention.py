@@ -58,7 +58,7 @@ def decode_attention_ref(
 def _decode_kernel(
     Q, KC, VC, SLOT, POS, SINK, OUT, PM, PL, PACC,
     sq_b, sq_h, skc_s, skc_c, skc_h, svc_s, svc_c, svc_h, so_b, so_h,
-    CAP, WINDOW, qk_scale, NQ,
+    CAP, qk_scale, NQ, WINDOW: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -119,7 +119,7 @@ def _decode_kernel(
 
 @jit
 def _merge_kernel(
-    POS, SINK, OUT, PM, PL, PACC, so_b, so_h, WINDOW, NQ,
+    POS, SINK, OUT, PM, PL, PACC, so_b, so_h, NQ, WINDOW: tl.constexpr,
     D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -215,18 +215,18 @@ def decode_attention(
     else:
         pm = pl = pacc = out  # unused
     slot_ids, positions, sinks = slot_ids.contiguous(), positions.contiguous(), sinks.contiguous()
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
     jit["_decode_kernel"][(bsz, nkv, splits)](
         q, k_cache, v_cache, slot_ids, positions, sinks, out, pm, pl, pacc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        cap, window, scale * LOG2E, nq,
+        cap, scale * LOG2E, nq, window,
         G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
         SPLITS=splits, SPLITS_P=splits_p, PRECISION=precision, num_warps=4,
     )
     if splits > 1:
         jit["_merge_kernel"][(bsz, nq)](
-            positions, sinks, out, pm, pl, pacc, out.stride(0), out.stride(1), window, nq,
-            D=d, BLOCK_N=block_n, SPLITS=splits, SPLITS_P=splits_p, num_warps=1,
+            positions, sinks, out, pm, pl, pacc, out.stride(0), out.stride(1), nq, window,
+            D=d, BLOCK_N=block_n, SPLITS=splits, SPLITS_P=splits_p, num_warps=4,
         )
     return out

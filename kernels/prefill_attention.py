@@ -93,7 +93,7 @@ def prefill_attention_ref(
 def _prefill_kernel(
     Q, KC, VC, TILES, SINK, OUT,
     sq_t, sq_h, skc_s, skc_c, skc_h, svc_s, svc_c, svc_h, so_t, so_h,
-    CAP, WINDOW, qk_scale,
+    CAP, qk_scale, WINDOW: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -177,8 +177,8 @@ def prefill_attention(
     *,
     block_t: int | None = None,
     block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int = 8,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Triton prefill_attention_ref. The sequence tables are read on the host (pass lists: tensors
     cost a device sync); the cache must already hold every sequence's positions 0 … its last one."""
@@ -236,12 +236,12 @@ def prefill_attention(
     if not tiles:
         return out
     table = torch.tensor(tiles, dtype=torch.int32).to(q.device, non_blocking=True)  # [tiles, 4]
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
     jit["_prefill_kernel"][(len(tiles), nkv)](
         q, k_cache, v_cache, table, sinks, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        cap, window, scale * LOG2E,
+        cap, scale * LOG2E, window,
         G=g, G_P=g_p, BLOCK_T=block_t, D=d, BLOCK_N=block_n, PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )

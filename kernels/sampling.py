@@ -296,7 +296,7 @@ def _sample_kernel(
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     t, greedy, k, topk_on, tp, topp_on = _row(b, TEMP, TOPK, TOPP, V)
-    if not greedy:
+    if greedy == 0:
         m = _row_max(ST_MAX, b, t, NC, NC_P)
         kth, _ = radix_prefix(HK + b * (4 * 256), k, 4, 8)
         hp = HP + b * (8 * 16)
