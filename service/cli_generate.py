@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = engine.tokenizer.decode(list(out.token_ids))
+    text = engine.tokenizer.decode(list(out.token_ids), skip_special_tokens=True)
     if args.json:
         print(json.dumps({
             "token_ids": list(out.token_ids), "text": text, "finish_reason": out.finish_reason,
