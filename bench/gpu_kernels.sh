@@ -35,7 +35,7 @@ if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
   stage tests 420 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_gpu.py
 fi
 if [[ "$STAGE" == all || "$STAGE" == kernels ]]; then
-  stage kernels 420 $PY -m bench.kernels $QUICK
+  stage kernels 480 $PY -m bench.kernels --tune $QUICK
 fi
 if [[ "$STAGE" == all || "$STAGE" == decode ]]; then
   if [[ -n "$QUICK" ]]; then

@@ -142,10 +142,39 @@ def bench_small(peaks: Peaks, sizes: dict) -> None:
                                "us": t * 1e6, "roofline_us": roof * 1e6})
 
 
+def tune(peaks: Peaks) -> None:
+    """Launch parameters around the defaults at the shapes that matter most (pick the defaults)."""
+    sinks = torch.randn(NQ, device=DEVICE)
+    kc = torch.randn(2, 32768, NKV, D, device=DEVICE, dtype=BF16)
+    vc = torch.randn_like(kc)
+    q1 = torch.randn(1, NQ, D, device=DEVICE, dtype=BF16)
+    one = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    for ctx in (4096, 32768):
+        pos = torch.full((1,), ctx - 1, device=DEVICE)
+        roof = ctx * NKV * D * 4 / peaks.bandwidth
+        for block_n in (32, 64, 128):
+            for splits in (None, 8, 16, 32, 64):
+                t = graph_time(lambda pos=pos, b=block_n, s=splits: decode_attention(
+                    q1, kc, vc, one, pos, sinks, 0, D**-0.5, block_n=b, num_splits=s))
+                show("tune decode", f"ctx={ctx} block_n={block_n} splits={splits}", t, roof)
+    prompt = 4096
+    q = torch.randn(prompt, NQ, D, device=DEVICE, dtype=BF16)
+    flops = 4 * NQ * D * prompt * (prompt + 1) / 2
+    for block_t, block_n, warps, stages in ((16, 64, 4, 2), (16, 64, 8, 2), (16, 64, 8, 3),
+                                            (16, 128, 8, 2), (16, 128, 8, 3), (8, 64, 4, 3),
+                                            (32, 64, 8, 3)):
+        t = cuda_time(lambda bt=block_t, b=block_n, w=warps, s=stages: prefill_attention(
+            q, kc, vc, [0, prompt], [0], [0], sinks, 0, D**-0.5, block_t=bt, block_n=b,
+            num_warps=w, num_stages=s), iters=5)
+        show("tune prefill", f"T={prompt} bt={block_t} bn={block_n} w={warps} s={stages}", t,
+             flops / peaks.gemm, f"{flops / t / 1e12:6.0f} TFLOP/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
-    parser.add_argument("--only", choices=["decode", "prefill", "small"], default=None)
+    parser.add_argument("--only", choices=["decode", "prefill", "small", "tune"], default=None)
+    parser.add_argument("--tune", action="store_true", help="also sweep launch parameters")
     args = parser.parse_args()
     require_cuda()
     global CFG, NQ, NKV, D, BF16
@@ -163,6 +192,8 @@ def main() -> None:
         bench_prefill(peaks, sizes)
     if args.only in (None, "small"):
         bench_small(peaks, sizes)
+    if args.only == "tune" or (args.tune and args.only is None):
+        tune(peaks)
 
 
 if __name__ == "__main__":

@@ -150,11 +150,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_splits(batch: int, nkv: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Splits per (row, KV head): enough programs for ~2 waves over the SMs, never more than the
-    key blocks a row can have. Depends on shapes only, so a CUDA graph's grid stays valid."""
+    """Splits per (row, KV head): enough programs for ~2 waves over the SMs, each with at least 4
+    key blocks to amortize the merge (a 128-key window gets one split and no merge). Depends on
+    shapes only, so a CUDA graph's grid stays valid."""
     blocks = max(1, math.ceil(max_keys / block_n))
     want = math.ceil(2 * _num_sms(device) / max(1, batch * nkv))
-    return max(1, min(want, blocks, MAX_SPLITS))
+    return max(1, min(want, blocks // 4, MAX_SPLITS))
 
 
 def decode_attention(
