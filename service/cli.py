@@ -13,6 +13,7 @@ import sys
 
 # Each module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS = (
+    "service.cli_bench",
     "service.cli_generate",
     "service.cli_make_checkpoint",
     "service.cli_serve",
