@@ -12,6 +12,7 @@ bytes whatever the cache holds. Roofline: bench/roofline.decode_bytes ÷ measure
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -106,6 +107,7 @@ def main() -> None:
     if args.profile:
         profile(engine, decode_plan(1, 4096 if engine.max_context >= 4096 else 1024))
     del engine
+    gc.collect()  # the graphs' pool and the cache go before the next engine allocates
     torch.cuda.empty_cache()
     engine = make_engine(weights, max(args.batches), args.batch_context, args.graphs)
     for batch in args.batches:

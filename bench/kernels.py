@@ -152,11 +152,15 @@ def tune(peaks: Peaks) -> None:
     for ctx in (4096, 32768):
         pos = torch.full((1,), ctx - 1, device=DEVICE)
         roof = ctx * NKV * D * 4 / peaks.bandwidth
-        for block_n in (32, 64, 128):
-            for splits in (None, 8, 16, 32, 64):
-                t = graph_time(lambda pos=pos, b=block_n, s=splits: decode_attention(
-                    q1, kc, vc, one, pos, sinks, 0, D**-0.5, block_n=b, num_splits=s))
-                show("tune decode", f"ctx={ctx} block_n={block_n} splits={splits}", t, roof)
+        for block_n, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2),
+                                       (128, 4, 2), (128, 8, 3)):
+            for splits in (None, 16, 32, 64):
+                t = graph_time(lambda pos=pos, b=block_n, s=splits, w=warps, st=stages:
+                               decode_attention(q1, kc, vc, one, pos, sinks, 0, D**-0.5,
+                                                block_n=b, num_splits=s, num_warps=w,
+                                                num_stages=st))
+                show("tune decode", f"ctx={ctx} bn={block_n} w={warps} s={stages} "
+                     f"splits={splits}", t, roof)
     prompt = 4096
     q = torch.randn(prompt, NQ, D, device=DEVICE, dtype=BF16)
     flops = 4 * NQ * D * prompt * (prompt + 1) / 2

@@ -170,6 +170,8 @@ def decode_attention(
     *,
     block_n: int = 64,
     num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton decode_attention_ref. The cache must already hold positions 0 … positions[b] of each
     row's slot (and positions[b] < C on full layers); neither is checked on the device."""
@@ -223,7 +225,8 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         cap, scale * LOG2E, nq, window,
         G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
-        SPLITS=splits, SPLITS_P=splits_p, PRECISION=precision, num_warps=4,
+        SPLITS=splits, SPLITS_P=splits_p, PRECISION=precision, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         jit["_merge_kernel"][(bsz, nq)](

@@ -80,7 +80,7 @@ def test_decode_attention_rejects_bad_shapes() -> None:
 # (slot, start position, chunk length) per packed sequence
 PREFILL_CASES = [
     (0, 70, [(0, 0, 1)]),  # one token
-    (0, 70, [(0, 0, 19), (2, 0, 5)]),  # fresh prompts, odd lengths
+    (0, 70, [(0, 0, 19), (3, 4, 0), (2, 0, 5)]),  # fresh prompts, odd lengths, an empty chunk
     (0, 70, [(1, 30, 23), (3, 69, 1), (0, 7, 2)]),  # chunks after cached context, a decode row
     (8, 70, [(0, 0, 13), (2, 3, 6)]),  # window edge inside the chunk
     (8, 24, [(1, 50, 17), (4, 90, 3)]),  # ring: W + chunk − 1 ≤ 24, wrapped, the dummy slot
