@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.moe_gemm import GemmTiles, combine, gemm1_swiglu, gemm2_scale
+from kernels.moe_configs import DECODE, PREFILL, MoEConfig, choose_config
+from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import moe_ref
 from kernels.moe_routing import RoutingPlan, route
 from runtime.config import ModelConfig
@@ -36,31 +37,10 @@ class MoEPrepared:
     w2: torch.Tensor  # [E, H, I/2] u8
     s2: torch.Tensor  # [E, H, I/32] u8
     b2: torch.Tensor  # [E, H] fp32
+    fast_ok: bool = True  # every scale byte ≤ 136: the fp16 fast path is exact (kernels/moe_dequant)
 
 
-@dataclass(frozen=True)
-class MoEConfig:
-    block_m: int  # rows (token/expert pairs) per tile, shared by both GEMMs
-    gemm1: GemmTiles  # block_n counts swiglu outputs (2·block_n rows of W1)
-    gemm2: GemmTiles
-
-    def __post_init__(self) -> None:
-        if self.block_m < 16 or self.block_m & (self.block_m - 1):
-            raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
-
-
-DECODE = MoEConfig(16, GemmTiles(32, 128, num_stages=3), GemmTiles(32, 128, num_stages=3))
-PREFILL = MoEConfig(
-    64,
-    GemmTiles(64, 64, group_m=8, num_warps=4, num_stages=3),
-    GemmTiles(128, 64, group_m=8, num_warps=4, num_stages=3),
-)
-
-
-def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """Decode tiles while the average hit expert has at most a tile's worth of rows."""
-    rows_per_expert = tokens * top_k / num_experts
-    return DECODE if rows_per_expert <= 16 else PREFILL
+FAST_MAX_SCALE = 136
 
 
 def _mxfp4_view(blocks: torch.Tensor, scales: torch.Tensor, name: str
@@ -77,9 +57,11 @@ def prepare_moe(layer: LayerWeights) -> MoEPrepared:
     (each output row's codes contiguous along K), so contiguous weights are only viewed."""
     w1, s1 = _mxfp4_view(layer.mlp1_blocks, layer.mlp1_scales, "mlp1")
     w2, s2 = _mxfp4_view(layer.mlp2_blocks, layer.mlp2_scales, "mlp2")
+    # One host sync per layer, at load: weights of magnitude ≥ 2¹⁰ would overflow fp16.
+    fast_ok = max(int(s1.max()), int(s2.max())) <= FAST_MAX_SCALE if s1.numel() else True
     return MoEPrepared(
         w1=w1, s1=s1, b1=layer.mlp1_bias.float().contiguous(),
-        w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(),
+        w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(), fast_ok=fast_ok,
     )
 
 
@@ -94,8 +76,9 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
                 cfg: MoEConfig, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """The experts of a routed batch: x [T, H] → [T, H] (kernels/moe_ref.experts_ref)."""
     p = prepared
-    act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1)  # [T·k, I]
-    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2)  # [T·k, H]
+    fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
+    act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast)
+    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype)  # [T·k, H]
     return combine(y, plan, top_k)
 
 

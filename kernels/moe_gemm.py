@@ -35,58 +35,49 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.jit import KernelSet
+from kernels.jit import KernelSet, interpret_forced
+from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
+    _E2M1_X4_ASM,
+    HELPERS,
+    _a_tile,
+    _a_tile_fast,
+    _e2m1_x4_emulated,
+    _fp4_f32,
+    _w_tile,
+    _w_tile_fast,
+)
 from kernels.moe_routing import RoutingPlan
 
 jit = KernelSet(globals())
-
-
-@jit
-def _fp4_f32(c):
-    """e2m1 codes (int32, 0…15) → fp32 values · 2⁻¹⁴."""
-    bits = ((c & 8) << 12) | ((c & 7) << 9)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@jit
-def _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows at byte offsets w_row/s_row [BN], K slice k0 … k0+BLOCK_K → (even k, odd k) values,
-    each [BN, BLOCK_K/2] in DTYPE."""
-    G: tl.constexpr = BLOCK_K // 32
-    g = tl.arange(0, G)
-    b = tl.arange(0, 16)
-    kmask = (k0 + g * 32) < K  # [G]
-    m3 = nmask[:, None, None] & kmask[None, :, None]
-    cptr = W + w_row[:, None, None] + (k0 // 2 + g * 16)[None, :, None] + b[None, None, :]
-    codes = tl.load(cptr, mask=m3, other=0).to(tl.int32)  # [BN, G, 16]
-    sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
-                 mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
-    scale = ((tl.minimum(sc, 240) + 14) << 23).to(tl.float32, bitcast=True)[:, :, None]
-    lo = (_fp4_f32(codes & 15) * scale).to(DTYPE)
-    hi = (_fp4_f32(codes >> 4) * scale).to(DTYPE)
-    bn: tl.constexpr = codes.shape[0]
-    return tl.reshape(lo, (bn, BLOCK_K // 2)), tl.reshape(hi, (bn, BLOCK_K // 2))
+for _helper in HELPERS:
+    jit(_helper)
 
 
 @jit
 def _mma(a, w, acc, SWAP_AB: tl.constexpr, IEEE: tl.constexpr):
-    """acc += a·wᵀ ([BM, BN]) or, swapped, w·aᵀ ([BN, BM])."""
+    """exact: acc += a·wᵀ ([BM, BN]) or, swapped, w·aᵀ ([BN, BM])."""
+    # One return at the end: the compiler also visits code after a constexpr-taken return.
     if SWAP_AB:
         if IEEE:
-            return tl.dot(w, tl.trans(a), acc, input_precision="ieee")
-        return tl.dot(w, tl.trans(a), acc)
-    if IEEE:
-        return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(a, tl.trans(w), acc)
+            out = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+        else:
+            out = tl.dot(w, tl.trans(a), acc)
+    else:
+        if IEEE:
+            out = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, tl.trans(w), acc)
+    return out
 
 
 @jit
-def _a_tile(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
-    """Activation rows at element offsets a_row [BM] → (even k, odd k) columns [BM, BLOCK_K/2]."""
-    k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    m = amask[:, None] & (k < K)[None, :]
-    ptr = A + a_row[:, None] + k[None, :]
-    return tl.load(ptr, mask=m, other=0.0), tl.load(ptr + 1, mask=m, other=0.0)
+def _mma1(a, w, acc, SWAP_AB: tl.constexpr):
+    """fast: acc += a·wᵀ ([BM, BN]) or, swapped, w·aᵀ ([BN, BM]); fp16 operands."""
+    if SWAP_AB:  # noqa: SIM108 - a Triton constexpr branch, kept explicit
+        out = tl.dot(w, tl.trans(a), acc)
+    else:
+        out = tl.dot(a, tl.trans(w), acc)
+    return out
 
 
 @jit
@@ -102,10 +93,11 @@ def _gemm1_swiglu_kernel(
     X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N, K, MAX_TILES, alpha, limit,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """OUT[row, n] = swiglu(x[token(row)]·W1[e, 2n]ᵀ + b, x·W1[e, 2n+1]ᵀ + b), n < N = I."""
-    DTYPE: tl.constexpr = OUT.dtype.element_ty
+    DTYPE: tl.constexpr = X.dtype.element_ty  # the matmul's rounding, as in the reference
     tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(TILE_E + tile)
     if e < 0:
@@ -127,13 +119,21 @@ def _gemm1_swiglu_kernel(
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_l = tl.zeros_like(acc_g)
     for k0 in range(0, K, BLOCK_K):
-        xe, xo = _a_tile(X, a_row, rmask, k0, K, BLOCK_K)
-        g_lo, g_hi = _w_tile(W, S, wg, sg, nmask, k0, K, DTYPE, BLOCK_K)
-        acc_g = _mma(xe, g_lo, acc_g, SWAP_AB, IEEE)
-        acc_g = _mma(xo, g_hi, acc_g, SWAP_AB, IEEE)
-        l_lo, l_hi = _w_tile(W, S, wg + stride_wn, sg + stride_sn, nmask, k0, K, DTYPE, BLOCK_K)
-        acc_l = _mma(xe, l_lo, acc_l, SWAP_AB, IEEE)
-        acc_l = _mma(xo, l_hi, acc_l, SWAP_AB, IEEE)
+        if FAST:
+            xa = _a_tile_fast(X, a_row, rmask, k0, K, BLOCK_K)
+            w = _w_tile_fast(W, S, wg, sg, nmask, k0, K, BLOCK_K, EMULATE)
+            acc_g = _mma1(xa, w, acc_g, SWAP_AB)
+            w = _w_tile_fast(W, S, wg + stride_wn, sg + stride_sn, nmask, k0, K, BLOCK_K, EMULATE)
+            acc_l = _mma1(xa, w, acc_l, SWAP_AB)
+        else:
+            xe, xo = _a_tile(X, a_row, rmask, k0, K, BLOCK_K)
+            g_lo, g_hi = _w_tile(W, S, wg, sg, nmask, k0, K, DTYPE, BLOCK_K)
+            acc_g = _mma(xe, g_lo, acc_g, SWAP_AB, IEEE)
+            acc_g = _mma(xo, g_hi, acc_g, SWAP_AB, IEEE)
+            l_lo, l_hi = _w_tile(W, S, wg + stride_wn, sg + stride_sn, nmask, k0, K, DTYPE,
+                                 BLOCK_K)
+            acc_l = _mma(xe, l_lo, acc_l, SWAP_AB, IEEE)
+            acc_l = _mma(xo, l_hi, acc_l, SWAP_AB, IEEE)
     if SWAP_AB:
         rr, nn, mm = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None]
     else:
@@ -144,7 +144,7 @@ def _gemm1_swiglu_kernel(
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    tl.store(OUT + rr.to(tl.int64) * stride_o + nn, act.to(DTYPE), mask=mm)
+    tl.store(OUT + rr.to(tl.int64) * stride_o + nn, act.to(OUT.dtype.element_ty), mask=mm)
 
 
 @jit
@@ -152,10 +152,11 @@ def _gemm2_scale_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be, RW,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N, K, MAX_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H."""
-    DTYPE: tl.constexpr = OUT.dtype.element_ty
+    DTYPE: tl.constexpr = OUT.dtype.element_ty  # the matmul's rounding, as in the reference
     tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(TILE_E + tile)
     if e < 0:
@@ -175,10 +176,15 @@ def _gemm2_scale_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ae, ao = _a_tile(A, a_row, rmask, k0, K, BLOCK_K)
-        w_lo, w_hi = _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE, BLOCK_K)
-        acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
-        acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
+        if FAST:
+            xa = _a_tile_fast(A, a_row, rmask, k0, K, BLOCK_K)
+            w = _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K, EMULATE)
+            acc = _mma1(xa, w, acc, SWAP_AB)
+        else:
+            ae, ao = _a_tile(A, a_row, rmask, k0, K, BLOCK_K)
+            w_lo, w_hi = _w_tile(W, S, w_row, s_row, nmask, k0, K, A.dtype.element_ty, BLOCK_K)
+            acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
+            acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]
@@ -243,9 +249,12 @@ def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n
             raise ValueError(f"{name}: weights on {t.device}, activations on {device}")
 
 
-def _launch_args(tiles: GemmTiles, dtype: torch.dtype) -> dict:
+def _launch_args(tiles: GemmTiles, dtype: torch.dtype, fast: bool, device: torch.device) -> dict:
+    if fast and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the fast (fp16 MMA) path needs fp16/bf16 activations, got {dtype}")
+    emulate = device.type != "cuda" or interpret_forced()  # the interpreter cannot run PTX
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-                SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32,
+                SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32, FAST=fast, EMULATE=emulate,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
@@ -253,8 +262,10 @@ def gemm1_swiglu(
     x: torch.Tensor,  # [T, H] activations
     w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, 2I, H/2] u8, [E, 2I, H/32] u8, [E, 2I]
     plan: RoutingPlan, top_k: int, alpha: float, limit: float, tiles: GemmTiles,
+    fast: bool = False,
 ) -> torch.Tensor:
-    """→ act [T·k, I] in x's dtype, rows in the plan's expert order."""
+    """→ act [T·k, I], rows in the plan's expert order: in x's dtype, or fp16 with `fast`
+    (|act| ≤ L·(L + 1) = 56 fits fp16, the next GEMM's MMA type)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"gemm1: x must be [T, H] with unit column stride, got {tuple(x.shape)}")
     t, h = x.shape
@@ -263,7 +274,7 @@ def gemm1_swiglu(
     if n2 % 2 or plan.pos.shape[0] != t * top_k:
         raise ValueError(f"gemm1: 2I = {n2} must be even and the plan must hold T·k = {t * top_k}")
     inter = n2 // 2
-    out = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(t * top_k, inter, dtype=torch.float16 if fast else x.dtype, device=x.device)
     if t == 0:
         return out
     grid = (plan.max_tiles * triton.cdiv(inter, tiles.block_n),)
@@ -271,7 +282,7 @@ def gemm1_swiglu(
         x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b, b.stride(0),
         plan.sorted_pair, plan.tile_expert, plan.tile_start, plan.tile_end, out, out.stride(0),
         inter, h, plan.max_tiles, float(alpha), float(limit),
-        TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype),
+        TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype, fast, x.device),
     )
     return out
 
@@ -279,15 +290,18 @@ def gemm1_swiglu(
 def gemm2_scale(
     act: torch.Tensor,  # [T·k, I] rows in expert order
     w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32] u8, [E, H]
-    plan: RoutingPlan, tiles: GemmTiles,
+    plan: RoutingPlan, tiles: GemmTiles, fast: bool = False, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """→ y [T·k, H] in act's dtype: each row's expert output times its router weight."""
+    """→ y [T·k, H] in out_dtype (default act's): each row's expert output times its router
+    weight, the matmul rounded to out_dtype before the bias as in the reference."""
     if act.dim() != 2 or act.stride(1) != 1 or act.shape[0] != plan.pos.shape[0]:
         raise ValueError(f"gemm2: act must be [T·k, I] (unit column stride), got {tuple(act.shape)}")
     rows, inter = act.shape
     e, h = w.shape[0], w.shape[1]
     _check_mxfp4("gemm2", w, s, b, h, inter, e, act.device)
-    out = torch.empty(rows, h, dtype=act.dtype, device=act.device)
+    out = torch.empty(rows, h, dtype=out_dtype or act.dtype, device=act.device)
+    if not fast and out.dtype != act.dtype:
+        raise ValueError(f"gemm2: the exact path computes in act's dtype {act.dtype}")
     if rows == 0:
         return out
     grid = (plan.max_tiles * triton.cdiv(h, tiles.block_n),)
@@ -295,7 +309,7 @@ def gemm2_scale(
         act, act.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b,
         b.stride(0), plan.weights, plan.sorted_pair, plan.tile_expert, plan.tile_start,
         plan.tile_end, out, out.stride(0), h, inter, plan.max_tiles,
-        BLOCK_M=plan.block_m, **_launch_args(tiles, act.dtype),
+        BLOCK_M=plan.block_m, **_launch_args(tiles, act.dtype, fast, act.device),
     )
     return out
 

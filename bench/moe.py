@@ -1,0 +1,207 @@
+"""One gpt-oss MoE layer (router + routing + two MXFP4 grouped GEMMs + combine) against its roofline.
+
+    python -m bench.moe [--shapes 20b,120b] [--tokens 1,8,64,256,4096] [--sweep] [--out FILE]
+
+At the start the run measures the device: copy bandwidth (1 GiB device-to-device copy) and the bf16
+GEMM rate (torch matmul 8192³). roofline_us = max(bytes / bandwidth, FLOPs / GEMM rate) with
+bytes = the experts actually hit (MXFP4 codes + scales + biases) + router weight + x in + y out,
+FLOPs = 2·T·E·H (router) + 2·T·k·(2I·H + H·I).
+Small batches (T ≤ 256) run inside one CUDA graph of 4 distinct layers × 5 repetitions, so every
+call streams its weights from HBM (4 layers ≫ the 50 MB L2) and launch latency counts as it does
+in the model's decode graph; larger ones run eagerly. --sweep tries every candidate tile config
+(kernels/moe_configs.py) and keeps the fastest; a per-stage breakdown follows for the kept one.
+One JSON line per (shape, tokens) is appended to bench/results/moe.jsonl (and --out, if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kernels.moe import moe_forward, prepare_moe, router_logits
+from kernels.moe_configs import MoEConfig, candidates, choose_config
+from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
+from kernels.moe_routing import route
+from runtime.config import ModelConfig
+from runtime.model_weights import LayerWeights
+from runtime.synthetic import random_layer
+
+RESULTS = Path(__file__).parent / "results" / "moe.jsonl"
+SHAPES = {"20b": 32, "120b": 128}
+GRAPH_MAX_TOKENS = 256
+LAYERS, REPS = 4, 5
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def elapsed_us(fn: Callable[[], object], iters: int) -> float:
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) * 1e3 / iters
+
+
+def device_rates() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, bf16 GEMM rate in FLOP/s)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    bw = 2 * src.numel() / (elapsed_us(lambda: dst.copy_(src), 20) * 1e-6)
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ b
+    rate = 2 * n**3 / (elapsed_us(lambda: a @ b, 20) * 1e-6)
+    return bw, rate
+
+
+def graph_us(fn: Callable[[int], object], calls: int) -> float:
+    """Time per call of fn(i) for i in 0…calls-1, captured into one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    return elapsed_us(graph.replay, 20) / calls
+
+
+def timed(fn: Callable[[int], object], tokens: int) -> float:
+    if tokens <= GRAPH_MAX_TOKENS:
+        return graph_us(fn, LAYERS * REPS)
+    for i in range(LAYERS):
+        fn(i)
+    torch.cuda.synchronize()
+    return elapsed_us(lambda: [fn(i) for i in range(LAYERS)], 3) / LAYERS
+
+
+def roofline(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor, bw: float, rate: float
+             ) -> tuple[float, int, float]:
+    """(roofline µs, experts hit, FLOPs) for this batch's real routing."""
+    h, i, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.experts_per_token
+    t = x.shape[0]
+    plan = route(router_logits(x, layer), k, 16)
+    hit = int((plan.counts > 0).sum())
+    per_expert = (2 * i * h // 2 + 2 * i * h // 32 + 2 * i * 4) + (h * i // 2 + h * i // 32 + h * 4)
+    nbytes = hit * per_expert + e * h * 2 + e * 2 + 2 * t * h * 2
+    flops = 2 * t * e * h + 2 * t * k * (2 * i * h + h * i)
+    return max(nbytes / bw, flops / rate) * 1e6, hit, flops
+
+
+def stages_us(cfg: ModelConfig, layers: list[LayerWeights], prepared: list, x: torch.Tensor,
+              mc: MoEConfig) -> dict[str, float]:
+    """Each launch on its own (graph-captured for small T), inputs precomputed."""
+    k, t = cfg.experts_per_token, x.shape[0]
+    logits = [router_logits(x, la) for la in layers]
+    plans = [route(lg, k, mc.block_m) for lg in logits]
+    acts = [gemm1_swiglu(x, p.w1, p.s1, p.b1, pl, k, cfg.swiglu_alpha, cfg.swiglu_limit,
+                         mc.gemm1) for p, pl in zip(prepared, plans, strict=True)]
+    ys = [gemm2_scale(a, p.w2, p.s2, p.b2, pl, mc.gemm2)
+          for a, p, pl in zip(acts, prepared, plans, strict=True)]
+    n = len(layers)
+    p, pl, a, y = prepared, plans, acts, ys
+    return {
+        "router": timed(lambda j: router_logits(x, layers[j % n]), t),
+        "route": timed(lambda j: route(logits[j % n], k, mc.block_m), t),
+        "gemm1": timed(lambda j: gemm1_swiglu(
+            x, p[j % n].w1, p[j % n].s1, p[j % n].b1, pl[j % n], k, cfg.swiglu_alpha,
+            cfg.swiglu_limit, mc.gemm1), t),
+        "gemm2": timed(lambda j: gemm2_scale(
+            a[j % n], p[j % n].w2, p[j % n].s2, p[j % n].b2, pl[j % n], mc.gemm2), t),
+        "combine": timed(lambda j: combine(y[j % n], pl[j % n], k), t),
+    }
+
+
+def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: float,
+              device: str, out: list[Path]) -> list[str]:
+    cfg = ModelConfig(num_hidden_layers=LAYERS, num_experts=SHAPES[shape])
+    layers = [random_layer(cfg, j, seed=1, device="cuda", dtype=torch.bfloat16)
+              for j in range(LAYERS)]
+    prepared = [prepare_moe(la) for la in layers]
+    lines = []
+    for t in tokens_list:
+        g = torch.Generator("cuda").manual_seed(t)
+        x = torch.randn(t, cfg.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+        roof_us, hit, flops = roofline(cfg, layers[0], x, bw, rate)
+        default = choose_config(t, cfg.experts_per_token, cfg.num_experts)
+        configs = candidates(t, cfg.experts_per_token, cfg.num_experts) if sweep else {}
+        configs.setdefault("default", default)
+        results: dict[str, float] = {}
+        for name, mc in configs.items():
+            try:
+                results[name] = timed(lambda j, mc=mc, x=x: moe_forward(
+                    x, layers[j % LAYERS], cfg, prepared[j % LAYERS], mc), t)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"  {shape} T={t} {name}: failed: {type(exc).__name__}: {exc}"[:300])
+        best = min(results, key=results.get)
+        us = results[best]
+        stages = stages_us(cfg, layers, prepared, x, configs[best])
+        tflops = flops / (us * 1e-6) / 1e12
+        line = (f"{shape:>5} {t:>5} {us:9.1f} {roof_us:9.1f} {100 * roof_us / us:6.1f}% "
+                f"{tflops:7.1f} {hit:4d}  {best:<10} "
+                + " ".join(f"{k}={v:.1f}" for k, v in stages.items()))
+        print(line, flush=True)
+        lines.append(line)
+        record = dict(
+            bench="moe", tokens=t, shape=shape, device=device, us=round(us, 2),
+            roofline_us=round(roof_us, 2), commit=commit(),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            backend="triton", config=best, experts_hit=hit, tflops=round(tflops, 1),
+            stages_us={k: round(v, 2) for k, v in stages.items()},
+            sweep_us={k: round(v, 2) for k, v in results.items()},
+        )
+        for path in out:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="20b,120b")
+    ap.add_argument("--tokens", default="1,8,64,256,4096")
+    ap.add_argument("--sweep", action="store_true", help="try every candidate tile config")
+    ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.moe needs a CUDA GPU")
+    device = torch.cuda.get_device_name()
+    bw, rate = device_rates()
+    print(f"{device}: copy {bw / 1e12:.2f} TB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
+    out = [RESULTS] + ([args.out] if args.out else [])
+    header = (f"{'shape':>5} {'T':>5} {'us':>9} {'roof_us':>9} {'%roof':>7} {'TFLOP/s':>7} "
+              f"{'hit':>4}  {'config':<10} stages (us, each alone)")
+    print(header)
+    lines = []
+    for shape in args.shapes.split(","):
+        lines += run_shape(shape, [int(t) for t in args.tokens.split(",")], args.sweep, bw,
+                           rate, device, out)
+    print("\n== MoE layer summary ==")
+    print(header)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

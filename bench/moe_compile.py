@@ -1,0 +1,155 @@
+"""Compile every MoE kernel config for an H100 (sm_90a) on the CPU: no GPU needed.
+
+    python -m bench.moe_compile [--configs all|default] [--sass DIR]
+
+For each kernel: registers, spills, shared memory and a count of the SASS instructions that
+matter for a memory-bound dequantizing GEMM (global loads, MMAs, conversions, integer ops), so a
+config that does not compile, spills, or does needless work per weight byte is caught before any
+GPU time is spent. Arguments are specialized as a real launch would (16-byte aligned pointers,
+strides divisible by 16) at the gpt-oss-20b shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels.moe_gemm as gemm
+import kernels.moe_routing as routing
+from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+HID = INTER = 2880
+E, K_TOP = 32, 4
+
+
+def _compile(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 3):
+    fn = module.jit.bound(False)[name]
+    sig, consts, attrs = {}, {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        v = args[arg]
+        if isinstance(v, str):  # a pointer "*bf16"
+            sig[arg], attrs[(i,)] = v, [["tt.divisibility", 16]]
+        elif isinstance(v, bool) or arg.isupper() and not isinstance(v, float):
+            sig[arg], consts[arg] = "constexpr", v
+        elif isinstance(v, float):
+            sig[arg] = "fp32"
+        elif v == 1:
+            sig[arg], consts[arg] = "constexpr", 1
+        else:
+            sig[arg] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+SASS_OPS = ("LDG", "LDS", "STS", "LDSM", "HMMA", "HGMMA", "F2F", "F2FP", "I2F", "HADD2", "HMUL2",
+            "FMUL", "LOP3", "SHF", "PRMT", "IMAD", "BAR", "LDGSTS", "SHFL")
+
+
+def loop_body(sass: str) -> tuple[int, Counter]:
+    """The longest backward branch's body: (instructions, op counts)."""
+    best = (0, 0, 0)
+    for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
+        at, target = int(m.group(1), 16), int(m.group(2), 16)
+        if target < at and at - target > best[0]:
+            best = (at - target, target, at)
+    ops: Counter = Counter()
+    for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass):
+        if best[1] <= int(m.group(1), 16) <= best[2]:
+            ops[m.group(2)] += 1
+    return sum(ops.values()), ops
+
+
+def report(kernel, label: str, sass_dir: Path | None, loop_bytes: int = 0) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        out = subprocess.run([str(BIN / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+        info = out.stderr
+        cubin = Path(tmp) / "k.cubin"
+        sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                              text=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
+    if sass_dir is not None:
+        sass_dir.mkdir(parents=True, exist_ok=True)
+        (sass_dir / f"{label}.sass").write_text(sass)
+    counts = " ".join(f"{op}={ops[op]}" for op in SASS_OPS if ops[op])
+    per_byte = ""
+    if loop_bytes:
+        n_loop, loop_ops = loop_body(sass)
+        threads = kernel.metadata.num_warps * 32
+        per_byte = f"loop={n_loop:>4} instr/B={n_loop * threads / loop_bytes:5.2f} "
+        counts = " ".join(f"{op}={loop_ops[op]}" for op in SASS_OPS if loop_ops[op])
+    return (f"{label:<24} regs={regs.group(1) if regs else '?':>3} "
+            f"spill={spill.group(1) if spill else '?':>4} smem={kernel.metadata.shared:>6} "
+            f"{per_byte}{counts}")
+
+
+def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object], object]:
+    t = mc.gemm1 if which == 1 else mc.gemm2
+    common = dict(W="*u8", S="*u8", B="*fp32", SORTED="*i32", TILE_E="*i32", TILE_START="*i32",
+                  TILE_END="*i32", MAX_TILES=100, BLOCK_M=mc.block_m,
+                  BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, SWAP_AB=t.swap_ab,
+                  IEEE=False, FAST=fast, EMULATE=False)
+    if which == 1:
+        return dict(common, X="*bf16", OUT="*fp16" if fast else "*bf16", stride_x=HID,
+                    stride_we=INTER * HID, stride_wn=HID // 2, stride_se=2 * INTER * HID // 32,
+                    stride_sn=HID // 32, stride_be=2 * INTER, stride_o=INTER, N=INTER, K=HID,
+                    alpha=1.702, limit=7.0, TOPK=K_TOP), t
+    return dict(common, A="*fp16" if fast else "*bf16", OUT="*bf16", stride_a=INTER,
+                stride_we=HID * INTER // 2, stride_wn=INTER // 2, stride_se=HID * INTER // 32,
+                stride_sn=INTER // 32, stride_be=HID, RW="*fp32", stride_o=HID, N=HID, K=INTER), t
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="all", help="all, or comma-separated names")
+    ap.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS here")
+    ap.add_argument("--exact", action="store_true", help="the exact path instead of the fast one")
+    args = ap.parse_args(argv)
+    configs = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES}
+    if args.configs != "all":
+        configs = {k: configs[k] for k in args.configs.split(",")}
+    for name, mc in configs.items():
+        for which, kname in ((1, "_gemm1_swiglu_kernel"), (2, "_gemm2_scale_kernel")):
+            a, t = gemm_args(mc, which, fast=mc.fast and not args.exact)
+            try:
+                k = _compile(gemm, kname, a, t.num_warps, t.num_stages)
+                loop_bytes = (2 if which == 1 else 1) * t.block_n * t.block_k // 2
+                print(report(k, f"{name}.gemm{which}", args.sass, loop_bytes), flush=True)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                msg = str(exc).strip().splitlines()
+                print(f"{name}.gemm{which}: FAILED {type(exc).__name__}: " + " | ".join(msg[-3:]),
+                      flush=True)
+    k = _compile(gemm, "_combine_kernel", dict(Y="*bf16", stride_y=HID, POS="*i32", OUT="*bf16",
+                                               stride_o=HID, H=HID, TOPK=K_TOP, BLOCK_H=1024), 4)
+    print(report(k, "combine", args.sass))
+    for e_pad, block_t, fused in ((32, 1, True), (128, 32, True), (128, 32, False)):
+        kpad = 4
+        p_block = triton.next_power_of_2(block_t * K_TOP)
+        a = dict(LOGITS="*bf16", stride_l=e_pad, T=block_t, E=e_pad, IDS="*i32", W="*fp32",
+                 HIST="*i32", POS="*i32", SORTED="*i32", COUNTS="*i32", TILE_E="*i32",
+                 TILE_START="*i32", TILE_END="*i32", MAX_TILES=36, K=K_TOP, K_PAD=kpad,
+                 E_PAD=e_pad, BLOCK_T=block_t, P_BLOCK=p_block, BLOCK_M=16, BLOCK_I=64,
+                 FUSED=fused)
+        k = _compile(routing, "_topk_kernel", a, 4)
+        print(report(k, f"route.e{e_pad}.t{block_t}.{'fused' if fused else 'split'}", args.sass))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""MXFP4 weight tiles dequantized inside the MoE GEMMs (Triton helpers, used by kernels/moe_gemm.py).
+
+value = fp4(code) · 2^(scale − 127) (runtime/mxfp4.py); the byte at K offset p holds k = 2p (low
+nibble) and k = 2p + 1 (high nibble). Two ways to the MMA's operands:
+
+exact (any dtype, the interpreter's path): code → fp16 bits (sign c₃ at bit 15, c₀…c₂ at bits 9…11)
+    is exactly fp4(c)·2⁻¹⁴ (fp16's subnormals line up with e2m1's); one fp32 multiply by the
+    group's 2^(s − 113), built from its exponent bits (scale bytes ≤ 240), then the activation
+    dtype. Even and odd k come out as two tiles, multiplied with the even and odd activations.
+
+fast (CUDA, fp16 MMA): four code bytes at once, in PTX: each nibble → e4m3 bits (c₀…c₂ at bits
+    2…4, sign at 7: exactly fp4(c)·2⁻⁶, subnormals line up again), then the hardware's
+    cvt.rn.f16x2.e4m3x2 (two values per instruction) and one packed fp16 multiply by the group's
+    2^(s − 121) (exact for scale bytes 107…136, i.e. |w| from 2⁻²¹ to 6·2⁹; below, weights under
+    6·2⁻²¹ flush to 0; prepare_moe checks the upper bound once at load). About 4 instructions
+    per weight byte instead of ~16. The activations are converted to fp16 (exact for bf16 values
+    of magnitude 2⁻¹⁴…65504).
+    Register order: the tile is loaded as [BN, G, 4 t, 4 a] (byte 4t + a of each 16-byte group,
+    contiguous 4-byte loads) and laid out so that column c = 8a + 2t + h holds k = 8t + 2a + h:
+    each thread's four bytes are then exactly the k pairs of its MMA fragment. The activation
+    tile gets the same column permutation, so the dot product is unchanged.
+OCP Microscaling Formats (MX) v1.0: https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+# 4 code bytes (one b32) → X = [lo₀, hi₀, lo₁, hi₁], Y = [lo₂, hi₂, lo₃, hi₃] as fp16 · 2⁻⁶
+_E2M1_X4_ASM = tl.constexpr("""
+{
+.reg .b32 a, b, lo, hi, p, q;
+.reg .b16 l0, l1;
+and.b32 a, $4, 0x07070707;
+shl.b32 a, a, 2;
+and.b32 b, $4, 0x08080808;
+shl.b32 b, b, 4;
+or.b32 lo, a, b;
+shr.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, $4, 0x80808080;
+or.b32 hi, a, b;
+prmt.b32 p, lo, hi, 0x5140;
+prmt.b32 q, lo, hi, 0x7362;
+mov.b32 {l0, l1}, p;
+cvt.rn.f16x2.e4m3x2 $0, l0;
+cvt.rn.f16x2.e4m3x2 $1, l1;
+mov.b32 {l0, l1}, q;
+cvt.rn.f16x2.e4m3x2 $2, l0;
+cvt.rn.f16x2.e4m3x2 $3, l1;
+}
+""")
+
+
+def _fp4_f32(c):
+    """e2m1 codes (int32, 0…15) → fp32 values · 2⁻¹⁴."""
+    bits = ((c & 8) << 12) | ((c & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+def _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """exact: rows at byte offsets w_row/s_row [BN], k0 … k0+BLOCK_K → (even k, odd k) values,
+    each [BN, BLOCK_K/2] in DTYPE."""
+    G: tl.constexpr = BLOCK_K // 32
+    g = tl.arange(0, G)
+    b = tl.arange(0, 16)
+    kmask = (k0 + g * 32) < K  # [G]
+    m3 = nmask[:, None, None] & kmask[None, :, None]
+    cptr = W + w_row[:, None, None] + (k0 // 2 + g * 16)[None, :, None] + b[None, None, :]
+    codes = tl.load(cptr, mask=m3, other=0).to(tl.int32)  # [BN, G, 16]
+    sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
+                 mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    scale = ((tl.minimum(sc, 240) + 14) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    lo = (_fp4_f32(codes & 15) * scale).to(DTYPE)
+    hi = (_fp4_f32(codes >> 4) * scale).to(DTYPE)
+    bn: tl.constexpr = codes.shape[0]
+    return tl.reshape(lo, (bn, BLOCK_K // 2)), tl.reshape(hi, (bn, BLOCK_K // 2))
+
+
+def _a_tile(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
+    """exact: activation rows at element offsets a_row [BM] → (even k, odd k) [BM, BLOCK_K/2]."""
+    k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+    m = amask[:, None] & (k < K)[None, :]
+    ptr = A + a_row[:, None] + k[None, :]
+    return tl.load(ptr, mask=m, other=0.0), tl.load(ptr + 1, mask=m, other=0.0)
+
+
+def _e2m1_x4_emulated(codes):
+    """_E2M1_X4_ASM in plain Triton (the interpreter cannot run PTX): codes [..., 4] u8 →
+    (X, Y) [..., 4] fp16 with the asm's packing."""
+    c = codes.to(tl.int32)
+    lo = (_fp4_f32(c & 15) * 256.0).to(tl.float16)  # fp4 · 2⁻⁶
+    hi = (_fp4_f32(c >> 4) * 256.0).to(tl.float16)
+    v = tl.join(lo, hi)  # [..., 4 a, 2 h], a = 2s + b
+    shape: tl.constexpr = codes.shape
+    v = tl.reshape(v, (shape[0], shape[1], shape[2], 2, 2, 2))  # [..., s, b, h]
+    x, y = tl.split(tl.permute(v, (0, 1, 2, 4, 5, 3)))  # [..., b, h] for s = 0, 1
+    return (tl.reshape(x, (shape[0], shape[1], shape[2], 4)),
+            tl.reshape(y, (shape[0], shape[1], shape[2], 4)))
+
+
+def _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights, column c of
+    each 32-group holding k = 8t + 2a + h for c = 8a + 2t + h."""
+    G: tl.constexpr = BLOCK_K // 32
+    BN: tl.constexpr = w_row.shape[0]
+    g = tl.arange(0, G)
+    q = tl.arange(0, 4)
+    kmask = (k0 + g * 32) < K  # [G]
+    off = (k0 // 2 + g * 16)[None, :, None, None] + (4 * q)[None, None, :, None] \
+        + q[None, None, None, :]
+    m4 = nmask[:, None, None, None] & kmask[None, :, None, None]
+    codes = tl.load(W + w_row[:, None, None, None] + off, mask=m4, other=0)  # [BN, G, 4t, 4a]
+    if EMULATE:
+        xv, yv = _e2m1_x4_emulated(codes)
+    else:
+        xv, yv = tl.inline_asm_elementwise(
+            _E2M1_X4_ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=4,
+        )
+    v = tl.reshape(tl.join(xv, yv), (BN, G, 4, 2, 2, 2))  # [BN, G, t, b, h, s], a = 2s + b
+    v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # c = 8a + 2t + h
+    sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
+                 mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    sc = ((tl.maximum(sc, 106) - 106) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(s−121)
+    return tl.reshape(v * sc[:, :, None], (BN, BLOCK_K))
+
+
+def _a_tile_fast(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
+    """fast: activation rows [BM] → [BM, BLOCK_K] fp16, columns permuted as _w_tile_fast's."""
+    G: tl.constexpr = BLOCK_K // 32
+    BM: tl.constexpr = a_row.shape[0]
+    k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(A + a_row[:, None] + k[None, :], mask=amask[:, None] & (k < K)[None, :],
+                other=0.0).to(tl.float16)
+    x = tl.permute(tl.reshape(x, (BM, G, 4, 4, 2)), (0, 1, 3, 2, 4))  # [BM, G, a, t, h]
+    return tl.reshape(x, (BM, BLOCK_K))
+
+
+HELPERS = (_fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _w_tile_fast, _a_tile_fast)
