@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch
 from kernels.moe import moe_forward, prepare_moe, router_logits
 from kernels.moe_configs import MoEConfig, candidates, choose_config
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
+from kernels.moe_ref import experts_ref
 from kernels.moe_routing import route
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights
@@ -36,9 +39,14 @@ RESULTS = Path(__file__).parent / "results" / "moe.jsonl"
 SHAPES = {"20b": 32, "120b": 128}
 GRAPH_MAX_TOKENS = 256
 LAYERS, REPS = 4, 5
+# --smoke: the same code path on the CPU (interpreted kernels) at a toy shape, to test the bench
+SMOKE = ModelConfig(hidden_size=64, intermediate_size=64, num_experts=8, num_hidden_layers=LAYERS,
+                    vocab_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
 def commit() -> str:
+    if os.environ.get("COMMIT"):  # the GPU machine's copy of the tree may have no .git
+        return os.environ["COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, timeout=10)
@@ -48,6 +56,11 @@ def commit() -> str:
 
 
 def elapsed_us(fn: Callable[[], object], iters: int) -> float:
+    if not torch.cuda.is_available():  # --smoke on the CPU
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / iters
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
@@ -88,12 +101,23 @@ def graph_us(fn: Callable[[int], object], calls: int) -> float:
 
 
 def timed(fn: Callable[[int], object], tokens: int) -> float:
+    if not torch.cuda.is_available():
+        return elapsed_us(lambda: fn(0), 1)
     if tokens <= GRAPH_MAX_TOKENS:
         return graph_us(fn, LAYERS * REPS)
     for i in range(LAYERS):
         fn(i)
     torch.cuda.synchronize()
     return elapsed_us(lambda: [fn(i) for i in range(LAYERS)], 3) / LAYERS
+
+
+def reference(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """The oracle's output (fp32) on the kernels' own routing (ties in bf16 logits aside)."""
+    plan = route(router_logits(x, layer), cfg.experts_per_token, 16)
+    return experts_ref(
+        x, plan.weights, plan.experts.long(), layer.mlp1_blocks, layer.mlp1_scales,
+        layer.mlp1_bias, layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias,
+    ).float()
 
 
 def roofline(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor, bw: float, rate: float
@@ -115,9 +139,10 @@ def stages_us(cfg: ModelConfig, layers: list[LayerWeights], prepared: list, x: t
     k, t = cfg.experts_per_token, x.shape[0]
     logits = [router_logits(x, la) for la in layers]
     plans = [route(lg, k, mc.block_m) for lg in logits]
+    fast = mc.fast and prepared[0].fast_ok
     acts = [gemm1_swiglu(x, p.w1, p.s1, p.b1, pl, k, cfg.swiglu_alpha, cfg.swiglu_limit,
-                         mc.gemm1) for p, pl in zip(prepared, plans, strict=True)]
-    ys = [gemm2_scale(a, p.w2, p.s2, p.b2, pl, mc.gemm2)
+                         mc.gemm1, fast) for p, pl in zip(prepared, plans, strict=True)]
+    ys = [gemm2_scale(a, p.w2, p.s2, p.b2, pl, mc.gemm2, fast, x.dtype)
           for a, p, pl in zip(acts, prepared, plans, strict=True)]
     n = len(layers)
     p, pl, a, y = prepared, plans, acts, ys
@@ -126,34 +151,48 @@ def stages_us(cfg: ModelConfig, layers: list[LayerWeights], prepared: list, x: t
         "route": timed(lambda j: route(logits[j % n], k, mc.block_m), t),
         "gemm1": timed(lambda j: gemm1_swiglu(
             x, p[j % n].w1, p[j % n].s1, p[j % n].b1, pl[j % n], k, cfg.swiglu_alpha,
-            cfg.swiglu_limit, mc.gemm1), t),
+            cfg.swiglu_limit, mc.gemm1, fast), t),
         "gemm2": timed(lambda j: gemm2_scale(
-            a[j % n], p[j % n].w2, p[j % n].s2, p[j % n].b2, pl[j % n], mc.gemm2), t),
-        "combine": timed(lambda j: combine(y[j % n], pl[j % n], k), t),
+            a[j % n], p[j % n].w2, p[j % n].s2, p[j % n].b2, pl[j % n], mc.gemm2, fast,
+            x.dtype), t),
+        "combine": timed(lambda j: combine(y[j % n], pl[j % n], k, x.dtype), t),
     }
 
 
 def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: float,
               device: str, out: list[Path]) -> list[str]:
-    cfg = ModelConfig(num_hidden_layers=LAYERS, num_experts=SHAPES[shape])
-    layers = [random_layer(cfg, j, seed=1, device="cuda", dtype=torch.bfloat16)
-              for j in range(LAYERS)]
+    on = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if on == "cuda" else torch.float16  # the interpreter's bf16 dot is off
+    if shape == "smoke":
+        cfg = SMOKE
+    else:
+        cfg = ModelConfig(num_hidden_layers=LAYERS, num_experts=SHAPES[shape])
+    layers = [random_layer(cfg, j, seed=1, device=on, dtype=dtype) for j in range(LAYERS)]
     prepared = [prepare_moe(la) for la in layers]
     lines = []
     for t in tokens_list:
-        g = torch.Generator("cuda").manual_seed(t)
-        x = torch.randn(t, cfg.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+        g = torch.Generator(on).manual_seed(t)
+        x = torch.randn(t, cfg.hidden_size, device=on, generator=g).to(dtype)
         roof_us, hit, flops = roofline(cfg, layers[0], x, bw, rate)
         default = choose_config(t, cfg.experts_per_token, cfg.num_experts)
         configs = candidates(t, cfg.experts_per_token, cfg.num_experts) if sweep else {}
-        configs.setdefault("default", default)
+        configs = {"default": default, **configs}
+        want = reference(cfg, layers[0], x)
         results: dict[str, float] = {}
         for name, mc in configs.items():
             try:
+                got = moe_forward(x, layers[0], cfg, prepared[0], mc)
+                err = float((got.float() - want).norm() / want.norm())
+                if not err < 1e-2:  # a fast wrong config must not win
+                    print(f"  {shape} T={t} {name}: WRONG, relative error {err:.2e}")
+                    continue
                 results[name] = timed(lambda j, mc=mc, x=x: moe_forward(
                     x, layers[j % LAYERS], cfg, prepared[j % LAYERS], mc), t)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"  {shape} T={t} {name}: failed: {type(exc).__name__}: {exc}"[:300])
+        if not results:
+            print(f"{shape:>5} {t:>5}  no config ran")
+            continue
         best = min(results, key=results.get)
         us = results[best]
         stages = stages_us(cfg, layers, prepared, x, configs[best])
@@ -184,13 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", default="1,8,64,256,4096")
     ap.add_argument("--sweep", action="store_true", help="try every candidate tile config")
     ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU, toy shape, interpreted kernels, results only to --out (tests)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.moe needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
-    bw, rate = device_rates()
+    if args.smoke:
+        device, bw, rate = "cpu-smoke", 1e11, 1e12
+        args.shapes, out = "smoke", ([args.out] if args.out else [])
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench.moe needs a CUDA GPU (or --smoke)")
+    else:
+        device = torch.cuda.get_device_name()
+        bw, rate = device_rates()
+        out = [RESULTS] + ([args.out] if args.out else [])
     print(f"{device}: copy {bw / 1e12:.2f} TB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
-    out = [RESULTS] + ([args.out] if args.out else [])
     header = (f"{'shape':>5} {'T':>5} {'us':>9} {'roof_us':>9} {'%roof':>7} {'TFLOP/s':>7} "
               f"{'hit':>4}  {'config':<10} stages (us, each alone)")
     print(header)

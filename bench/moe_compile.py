@@ -109,11 +109,13 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
     if which == 1:
         return dict(common, X="*bf16", OUT="*fp16" if fast else "*bf16", stride_x=HID,
                     stride_we=INTER * HID, stride_wn=HID // 2, stride_se=2 * INTER * HID // 32,
-                    stride_sn=HID // 32, stride_be=2 * INTER, stride_o=INTER, N=INTER, K=HID,
+                    stride_sn=HID // 32, stride_be=2 * INTER, stride_o=INTER, N2=2 * INTER, K=HID,
                     alpha=1.702, limit=7.0, TOPK=K_TOP), t
-    return dict(common, A="*fp16" if fast else "*bf16", OUT="*bf16", stride_a=INTER,
+    return dict(common, A="*fp16" if fast else "*bf16", stride_a=INTER,
                 stride_we=HID * INTER // 2, stride_wn=INTER // 2, stride_se=HID * INTER // 32,
-                stride_sn=INTER // 32, stride_be=HID, RW="*fp32", stride_o=HID, N=HID, K=INTER), t
+                stride_sn=INTER // 32, stride_be=HID, RW="*fp32", stride_split=4096 * HID,
+                stride_o=HID, N=HID, K=INTER, SPLIT_K=t.split_k,
+                OUT="*fp32" if t.split_k > 1 else "*bf16"), t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,14 +132,15 @@ def main(argv: list[str] | None = None) -> None:
             a, t = gemm_args(mc, which, fast=mc.fast and not args.exact)
             try:
                 k = _compile(gemm, kname, a, t.num_warps, t.num_stages)
-                loop_bytes = (2 if which == 1 else 1) * t.block_n * t.block_k // 2
+                loop_bytes = t.block_n * t.block_k // 2
                 print(report(k, f"{name}.gemm{which}", args.sass, loop_bytes), flush=True)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 msg = str(exc).strip().splitlines()
                 print(f"{name}.gemm{which}: FAILED {type(exc).__name__}: " + " | ".join(msg[-3:]),
                       flush=True)
-    k = _compile(gemm, "_combine_kernel", dict(Y="*bf16", stride_y=HID, POS="*i32", OUT="*bf16",
-                                               stride_o=HID, H=HID, TOPK=K_TOP, BLOCK_H=1024), 4)
+    k = _compile(gemm, "_combine_kernel", dict(Y="*fp32", stride_split=4096 * HID, stride_y=HID,
+                                               POS="*i32", OUT="*bf16", stride_o=HID, H=HID,
+                                               TOPK=K_TOP, SPLIT_K=2, BLOCK_H=1024), 4)
     print(report(k, "combine", args.sass))
     for e_pad, block_t, fused in ((32, 1, True), (128, 32, True), (128, 32, False)):
         kpad = 4

@@ -78,8 +78,8 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
     p = prepared
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast)
-    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype)  # [T·k, H]
-    return combine(y, plan, top_k)
+    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype)  # [S, T·k, H]
+    return combine(y, plan, top_k, x.dtype)
 
 
 def moe_forward(

@@ -1,9 +1,10 @@
 """Tile configurations of the MoE kernels, and which one a batch gets.
 
 rows per expert ≈ T·k / E decides the regime:
-- decode (≤ 16): BLOCK_M = 16, narrow N blocks so the few hit experts' weights are spread over
-  many programs (≈ 4 × 5760 / 2 / 32 = 360 programs for one token of 20b on 132 SMs), each weight
-  byte read once;
+- decode (≤ 16): BLOCK_M = 16 and the weights on the MMA's M side (swap AB: wgmma with the
+  dequantized weights straight from registers), 64 weight rows per program so the few hit
+  experts are spread over many programs (4 × 5760 / 64 = 360 for one token of 20b on 132 SMs),
+  each weight byte read once; GEMM 2 (2880 rows per expert) splits K when ≤ 8 experts are hit;
 - prefill: BLOCK_M ≥ 64 tensor-core tiles, grouped so that the programs of one expert and N block
   run together and share its weight tile in L2.
 `CANDIDATES` is what bench/moe.py --sweep measures; the defaults are its winners on an H100.
@@ -28,29 +29,38 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
 
 
-DECODE = MoEConfig(16, GemmTiles(32, 128), GemmTiles(32, 128))
-PREFILL = MoEConfig(64, GemmTiles(64, 64), GemmTiles(128, 64))
+DECODE = MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True))
+# One or two tokens hit ≤ 8 experts: ≤ 8·45 GEMM 2 programs of 64 rows for 132 SMs, so split K.
+DECODE_FEW = MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
+                       GemmTiles(64, 128, swap_ab=True, split_k=2))
+PREFILL = MoEConfig(128, GemmTiles(128, 64, num_warps=8), GemmTiles(128, 64, num_warps=8))
 
 DECODE_CANDIDATES = {
-    "d_n32k128": DECODE,
-    "d_n16k256": MoEConfig(16, GemmTiles(16, 256), GemmTiles(16, 256)),
-    "d_n64k128": MoEConfig(16, GemmTiles(64, 128), GemmTiles(64, 128)),
-    "d_n32k256": MoEConfig(16, GemmTiles(32, 256, num_stages=2), GemmTiles(32, 256, num_stages=2)),
-    "d_swap64": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
-    "d_swap32": MoEConfig(16, GemmTiles(32, 128, swap_ab=True), GemmTiles(32, 256, swap_ab=True)),
-    "d_n32k128w2": MoEConfig(16, GemmTiles(32, 128, num_warps=2),
-                             GemmTiles(32, 128, num_warps=2)),
+    "d_swap64": DECODE,
+    "d_swap64s2": DECODE_FEW,
+    "d_swap64s3": MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
+                            GemmTiles(64, 128, swap_ab=True, split_k=3)),
+    "d_swap64k256": MoEConfig(16, GemmTiles(64, 256, swap_ab=True, num_stages=2),
+                              GemmTiles(64, 256, swap_ab=True, num_stages=2)),
+    "d_swap64st4": MoEConfig(16, GemmTiles(64, 128, swap_ab=True, num_stages=4),
+                             GemmTiles(64, 128, swap_ab=True, num_stages=4)),
+    "d_swap128": MoEConfig(16, GemmTiles(128, 128, swap_ab=True),
+                           GemmTiles(128, 128, swap_ab=True)),
+    "d_mma32": MoEConfig(16, GemmTiles(32, 128), GemmTiles(32, 128)),
+    "d_exact": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True),
+                         fast=False),
 }
 PREFILL_CANDIDATES = {
-    "p_m64": PREFILL,
-    "p_m128": MoEConfig(128, GemmTiles(64, 64, num_warps=8), GemmTiles(128, 64, num_warps=8)),
-    "p_m128k128": MoEConfig(128, GemmTiles(64, 128, num_warps=8),
+    "p_m128": PREFILL,
+    "p_m64": MoEConfig(64, GemmTiles(128, 64), GemmTiles(128, 64)),
+    "p_m128k128": MoEConfig(128, GemmTiles(128, 128, num_warps=8),
                             GemmTiles(128, 128, num_warps=8)),
-    "p_m64n128": MoEConfig(64, GemmTiles(128, 64, num_warps=8), GemmTiles(128, 64, num_warps=4,
-                                                                          num_stages=4)),
-    "p_swap": MoEConfig(128, GemmTiles(64, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True,
-                                                                         num_warps=8)),
-    "p_m32": MoEConfig(32, GemmTiles(64, 64), GemmTiles(64, 128)),
+    "p_m128n256": MoEConfig(128, GemmTiles(256, 64, num_warps=8),
+                            GemmTiles(256, 64, num_warps=8)),
+    "p_swap128": MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
+                           GemmTiles(128, 64, swap_ab=True, num_warps=8)),
+    "p_swap64": MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True)),
+    "p_m32": MoEConfig(32, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
 }
 
 
@@ -67,4 +77,6 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     """Decode tiles while the average hit expert has at most a tile's worth of rows."""
+    if tokens * top_k <= 8:
+        return DECODE_FEW
     return DECODE if tokens * top_k / num_experts <= 16 else PREFILL

@@ -89,58 +89,70 @@ def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
 
 
 @jit
+def _mainloop(A, a_row, amask, W, S, w_row, s_row, nmask, k_lo, k_hi, acc,
+              A_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+              IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
+    """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB)."""
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if FAST:
+            xa = _a_tile_fast(A, a_row, amask, k0, k_hi, BLOCK_K)
+            w = _w_tile_fast(W, S, w_row, s_row, nmask, k0, k_hi, BLOCK_K, EMULATE)
+            acc = _mma1(xa, w, acc, SWAP_AB)
+        else:
+            ae, ao = _a_tile(A, a_row, amask, k0, k_hi, BLOCK_K)
+            w_lo, w_hi = _w_tile(W, S, w_row, s_row, nmask, k0, k_hi, A_DTYPE, BLOCK_K)
+            acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
+            acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
+    return acc
+
+
+@jit
+def _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M: tl.constexpr):
+    """(expert, rows [BLOCK_M], row mask) of a tile; expert −1 past the last tile."""
+    e = tl.load(TILE_E + tile)
+    rows = tl.load(TILE_START + tile) + tl.arange(0, BLOCK_M)
+    return e, rows, rows < tl.load(TILE_END + tile)
+
+
+@jit
 def _gemm1_swiglu_kernel(
     X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be,
-    SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N, K, MAX_TILES, alpha, limit,
+    SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N2, K, MAX_TILES, alpha, limit,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """OUT[row, n] = swiglu(x[token(row)]·W1[e, 2n]ᵀ + b, x·W1[e, 2n+1]ᵀ + b), n < N = I."""
+    """OUT[row, n] = swiglu(h[2n], h[2n+1]), h = x[token(row)]·W1[e]ᵀ + b1[e]; a program owns
+    BLOCK_N consecutive (interleaved gate/linear) rows of W1 and splits them after the dot."""
     DTYPE: tl.constexpr = X.dtype.element_ty  # the matmul's rounding, as in the reference
-    tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e = tl.load(TILE_E + tile)
+    HALF: tl.constexpr = BLOCK_N // 2
+    tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N2, BLOCK_N), GROUP_M)
+    e, rows, rmask = _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(TILE_START + tile)
-    end = tl.load(TILE_END + tile)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
     tok = tl.load(SORTED + rows, mask=rmask, other=0) // TOPK
-    a_row = tok.to(tl.int64) * stride_x
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
+    n2 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     e64 = e.to(tl.int64)
-    wg = e64 * stride_we + (2 * n).to(tl.int64) * stride_wn  # gate rows 2n
-    sg = e64 * stride_se + (2 * n).to(tl.int64) * stride_sn
+    w_row = e64 * stride_we + n2.to(tl.int64) * stride_wn
+    s_row = e64 * stride_se + n2.to(tl.int64) * stride_sn
     if SWAP_AB:
-        acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_l = tl.zeros_like(acc_g)
-    for k0 in range(0, K, BLOCK_K):
-        if FAST:
-            xa = _a_tile_fast(X, a_row, rmask, k0, K, BLOCK_K)
-            w = _w_tile_fast(W, S, wg, sg, nmask, k0, K, BLOCK_K, EMULATE)
-            acc_g = _mma1(xa, w, acc_g, SWAP_AB)
-            w = _w_tile_fast(W, S, wg + stride_wn, sg + stride_sn, nmask, k0, K, BLOCK_K, EMULATE)
-            acc_l = _mma1(xa, w, acc_l, SWAP_AB)
-        else:
-            xe, xo = _a_tile(X, a_row, rmask, k0, K, BLOCK_K)
-            g_lo, g_hi = _w_tile(W, S, wg, sg, nmask, k0, K, DTYPE, BLOCK_K)
-            acc_g = _mma(xe, g_lo, acc_g, SWAP_AB, IEEE)
-            acc_g = _mma(xo, g_hi, acc_g, SWAP_AB, IEEE)
-            l_lo, l_hi = _w_tile(W, S, wg + stride_wn, sg + stride_sn, nmask, k0, K, DTYPE,
-                                 BLOCK_K)
-            acc_l = _mma(xe, l_lo, acc_l, SWAP_AB, IEEE)
-            acc_l = _mma(xo, l_hi, acc_l, SWAP_AB, IEEE)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _mainloop(X, tok.to(tl.int64) * stride_x, rmask, W, S, w_row, s_row, n2 < N2, 0, K,
+                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
+    bias = tl.load(B + e64 * stride_be + n2, mask=n2 < N2, other=0.0)
+    n = pid_n * HALF + tl.arange(0, HALF)  # swiglu outputs
     if SWAP_AB:
-        rr, nn, mm = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None]
+        h = acc.to(DTYPE).to(tl.float32) + bias[:, None]  # [BLOCK_N, BLOCK_M]
+        gate, lin = tl.split(tl.permute(tl.reshape(h, (HALF, 2, BLOCK_M)), (0, 2, 1)))
+        rr, nn = rows[None, :], n[:, None]
+        mm = rmask[None, :] & (2 * nn < N2)
     else:
-        rr, nn, mm = rows[:, None], n[None, :], rmask[:, None] & nmask[None, :]
-    bias = B + e64 * stride_be + 2 * nn
-    gate = acc_g.to(DTYPE).to(tl.float32) + tl.load(bias, mask=mm, other=0.0)
-    lin = acc_l.to(DTYPE).to(tl.float32) + tl.load(bias + 1, mask=mm, other=0.0)
+        h = acc.to(DTYPE).to(tl.float32) + bias[None, :]  # [BLOCK_M, BLOCK_N]
+        gate, lin = tl.split(tl.reshape(h, (BLOCK_M, HALF, 2)))
+        rr, nn = rows[:, None], n[None, :]
+        mm = rmask[:, None] & (2 * nn < N2)
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
@@ -150,70 +162,68 @@ def _gemm1_swiglu_kernel(
 @jit
 def _gemm2_scale_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be, RW,
-    SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N, K, MAX_TILES,
+    SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_split, stride_o, N, K, MAX_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H."""
+    """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H. With SPLIT_K > 1
+    program s sums its share of K into OUT[s] (fp32; bias on s = 0 only, no rounding)."""
     DTYPE: tl.constexpr = OUT.dtype.element_ty  # the matmul's rounding, as in the reference
-    tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e = tl.load(TILE_E + tile)
+    pid = tl.program_id(0)
+    split = pid % SPLIT_K
+    tile, pid_n = _tile_of(pid // SPLIT_K, MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e, rows, rmask = _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(TILE_START + tile)
-    end = tl.load(TILE_END + tile)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    a_row = rows.to(tl.int64) * stride_a
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     e64 = e.to(tl.int64)
     w_row = e64 * stride_we + n.to(tl.int64) * stride_wn
     s_row = e64 * stride_se + n.to(tl.int64) * stride_sn
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = split * k_len
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if FAST:
-            xa = _a_tile_fast(A, a_row, rmask, k0, K, BLOCK_K)
-            w = _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K, EMULATE)
-            acc = _mma1(xa, w, acc, SWAP_AB)
-        else:
-            ae, ao = _a_tile(A, a_row, rmask, k0, K, BLOCK_K)
-            w_lo, w_hi = _w_tile(W, S, w_row, s_row, nmask, k0, K, A.dtype.element_ty, BLOCK_K)
-            acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
-            acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
+    acc = _mainloop(A, rows.to(tl.int64) * stride_a, rmask, W, S, w_row, s_row, nmask, k_lo,
+                    tl.minimum(k_lo + k_len, K), acc, A.dtype.element_ty, BLOCK_K, SWAP_AB,
+                    IEEE, FAST, EMULATE)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]
     else:
         rr, nn, mm, rw = rows[:, None], n[None, :], rmask[:, None] & nmask[None, :], rw[:, None]
-    bias = tl.load(B + e64 * stride_be + nn, mask=mm, other=0.0)
-    y = (acc.to(DTYPE).to(tl.float32) + bias) * rw
-    tl.store(OUT + rr.to(tl.int64) * stride_o + nn, y.to(DTYPE), mask=mm)
+    bias = tl.load(B + e64 * stride_be + nn, mask=mm & (split == 0), other=0.0)
+    y = (acc.to(DTYPE).to(tl.float32) + bias) * rw  # split partials are fp32: no rounding
+    out = OUT + split.to(tl.int64) * stride_split + rr.to(tl.int64) * stride_o + nn
+    tl.store(out, y.to(DTYPE), mask=mm)
 
 
 @jit
 def _combine_kernel(
-    Y, stride_y, POS, OUT, stride_o, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+    Y, stride_split, stride_y, POS, OUT, stride_o, H, TOPK: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
-    """OUT[t] = Σ_j Y[pos[t·k + j]] in fp32, j in order: deterministic, no atomics."""
+    """OUT[t] = Σ_j Σ_s Y[s, pos[t·k + j]] in fp32, in a fixed order: deterministic, no atomics."""
     t = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOPK):
         row = tl.load(POS + t * TOPK + j).to(tl.int64)
-        acc += tl.load(Y + row * stride_y + h, mask=hm, other=0.0).to(tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(Y + s * stride_split + row * stride_y + h, mask=hm,
+                           other=0.0).to(tl.float32)
     tl.store(OUT + t.to(tl.int64) * stride_o + h, acc.to(OUT.dtype.element_ty), mask=hm)
 
 
 # ---- launchers ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemmTiles:
-    """Block shape and launch parameters of one grouped GEMM (BLOCK_M comes from the routing)."""
+    """Block shape and launch parameters of one grouped GEMM (BLOCK_M comes from the routing).
+    block_n counts weight rows: for GEMM 1 interleaved gate/linear rows (block_n/2 outputs)."""
 
     block_n: int
     block_k: int
@@ -221,6 +231,7 @@ class GemmTiles:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # GEMM 2 only: K split over programs, partial sums reduced by the combine
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "group_m", "num_warps"):
@@ -229,8 +240,8 @@ class GemmTiles:
                 raise ValueError(f"GemmTiles.{name} must be a power of two, got {v}")
         if self.block_n < 16 or self.block_k < 32:
             raise ValueError(f"GemmTiles: block_n ≥ 16 and block_k ≥ 32, got {self}")
-        if self.num_stages < 1:
-            raise ValueError(f"GemmTiles.num_stages must be ≥ 1, got {self.num_stages}")
+        if self.num_stages < 1 or self.split_k < 1:
+            raise ValueError(f"GemmTiles: num_stages and split_k must be ≥ 1, got {self}")
 
 
 def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n: int, k: int,
@@ -273,15 +284,17 @@ def gemm1_swiglu(
     _check_mxfp4("gemm1", w, s, b, n2, h, e, x.device)
     if n2 % 2 or plan.pos.shape[0] != t * top_k:
         raise ValueError(f"gemm1: 2I = {n2} must be even and the plan must hold T·k = {t * top_k}")
+    if tiles.split_k != 1:
+        raise ValueError("gemm1: swiglu needs whole sums, split_k must be 1")
     inter = n2 // 2
     out = torch.empty(t * top_k, inter, dtype=torch.float16 if fast else x.dtype, device=x.device)
     if t == 0:
         return out
-    grid = (plan.max_tiles * triton.cdiv(inter, tiles.block_n),)
+    grid = (plan.max_tiles * triton.cdiv(n2, tiles.block_n),)
     jit["_gemm1_swiglu_kernel"][grid](
         x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b, b.stride(0),
         plan.sorted_pair, plan.tile_expert, plan.tile_start, plan.tile_end, out, out.stride(0),
-        inter, h, plan.max_tiles, float(alpha), float(limit),
+        n2, h, plan.max_tiles, float(alpha), float(limit),
         TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype, fast, x.device),
     )
     return out
@@ -292,38 +305,41 @@ def gemm2_scale(
     w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32] u8, [E, H]
     plan: RoutingPlan, tiles: GemmTiles, fast: bool = False, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """→ y [T·k, H] in out_dtype (default act's): each row's expert output times its router
-    weight, the matmul rounded to out_dtype before the bias as in the reference."""
+    """→ y [S, T·k, H] (S = tiles.split_k): each row's expert output times its router weight.
+    S = 1: in out_dtype (default act's), the matmul rounded to it before the bias as in the
+    reference; S > 1: fp32 partial sums over K/S each (the bias in the first)."""
     if act.dim() != 2 or act.stride(1) != 1 or act.shape[0] != plan.pos.shape[0]:
         raise ValueError(f"gemm2: act must be [T·k, I] (unit column stride), got {tuple(act.shape)}")
     rows, inter = act.shape
     e, h = w.shape[0], w.shape[1]
     _check_mxfp4("gemm2", w, s, b, h, inter, e, act.device)
-    out = torch.empty(rows, h, dtype=out_dtype or act.dtype, device=act.device)
-    if not fast and out.dtype != act.dtype:
-        raise ValueError(f"gemm2: the exact path computes in act's dtype {act.dtype}")
+    split = tiles.split_k
+    dtype = (out_dtype or act.dtype) if split == 1 else torch.float32
+    out = torch.empty(split, rows, h, dtype=dtype, device=act.device)
     if rows == 0:
         return out
-    grid = (plan.max_tiles * triton.cdiv(h, tiles.block_n),)
+    grid = (plan.max_tiles * triton.cdiv(h, tiles.block_n) * split,)
     jit["_gemm2_scale_kernel"][grid](
         act, act.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b,
         b.stride(0), plan.weights, plan.sorted_pair, plan.tile_expert, plan.tile_start,
-        plan.tile_end, out, out.stride(0), h, inter, plan.max_tiles,
-        BLOCK_M=plan.block_m, **_launch_args(tiles, act.dtype, fast, act.device),
+        plan.tile_end, out, out.stride(0), out.stride(1), h, inter, plan.max_tiles,
+        BLOCK_M=plan.block_m, SPLIT_K=split, **_launch_args(tiles, act.dtype, fast, act.device),
     )
     return out
 
 
-def combine(y: torch.Tensor, plan: RoutingPlan, top_k: int) -> torch.Tensor:
-    """y [T·k, H] in expert order → [T, H]: each token's k rows summed in fp32."""
-    rows, h = y.shape
+def combine(y: torch.Tensor, plan: RoutingPlan, top_k: int,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [S, T·k, H] in expert order → [T, H] (out_dtype, default y's): each token's k·S rows
+    summed in fp32."""
+    split, rows, h = y.shape
     t = rows // top_k
-    out = torch.empty(t, h, dtype=y.dtype, device=y.device)
+    out = torch.empty(t, h, dtype=out_dtype or y.dtype, device=y.device)
     if t == 0:
         return out
     block_h = min(1024, triton.next_power_of_2(h))
     jit["_combine_kernel"][(t, triton.cdiv(h, block_h))](
-        y, y.stride(0), plan.pos, out, out.stride(0), h, TOPK=top_k, BLOCK_H=block_h,
-        num_warps=4,
+        y, y.stride(0), y.stride(1), plan.pos, out, out.stride(0), h, TOPK=top_k, SPLIT_K=split,
+        BLOCK_H=block_h, num_warps=4,
     )
     return out

@@ -39,26 +39,33 @@ TILES = [
     GemmTiles(16, 64, swap_ab=True),
     GemmTiles(64, 128, swap_ab=True, group_m=4),
 ]
+FAST = [False, True]  # True: the PTX dequantization's emulation and its column permutation
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"n{t.block_n}k{t.block_k}s{t.swap_ab:d}")
+def tiles_id(t: GemmTiles) -> str:
+    return f"n{t.block_n}k{t.block_k}s{t.swap_ab:d}x{t.split_k}"
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=tiles_id)
 @pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "hidden", "inter", "dtype"),
+    ("tokens", "experts", "top_k", "hidden", "inter", "dtype", "fast"),
     [
-        (9, 4, 2, 96, 80, torch.float32),  # H, I not multiples of the blocks
-        (21, 8, 4, 64, 48, torch.float16),
-        (6, 128, 4, 32, 32, torch.float32),  # most experts empty
+        (9, 4, 2, 96, 80, torch.float32, False),  # H, I not multiples of the blocks
+        (21, 8, 4, 64, 48, torch.float16, False),
+        (21, 8, 4, 96, 48, torch.float16, True),
+        (6, 128, 4, 32, 32, torch.float32, False),  # most experts empty
+        (6, 128, 4, 32, 48, torch.float16, True),
     ],
 )
 def test_gemm1_gathers_tokens_and_fuses_bias_and_swiglu(
     tiles: GemmTiles, tokens: int, experts: int, top_k: int, hidden: int, inter: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, fast: bool,
 ) -> None:
     g, plan = case(tokens, experts, top_k, 16, seed=tokens + hidden)
     codes, scales = random_mxfp4(g, experts, 2 * inter, hidden)
     bias = torch.randn(experts, 2 * inter, generator=g)
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    act = gemm1_swiglu(x, codes, scales, bias, plan, top_k, 1.702, 7.0, tiles)
+    act = gemm1_swiglu(x, codes, scales, bias, plan, top_k, 1.702, 7.0, tiles, fast)
     w = dense(codes, scales).to(dtype)
     pair = plan.sorted_pair.long()
     e = plan.experts.reshape(-1).long()[pair]
@@ -68,24 +75,30 @@ def test_gemm1_gathers_tokens_and_fuses_bias_and_swiglu(
     torch.testing.assert_close(act, want, **tol)
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"n{t.block_n}k{t.block_k}s{t.swap_ab:d}")
 @pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "hidden", "inter", "block_m", "dtype"),
+    "tiles", [*TILES, GemmTiles(32, 32, split_k=2), GemmTiles(64, 64, swap_ab=True, split_k=3)],
+    ids=tiles_id,
+)
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "block_m", "dtype", "fast"),
     [
-        (9, 4, 2, 80, 96, 16, torch.float32),
-        (40, 4, 1, 48, 64, 16, torch.float16),  # k = 1, several tiles per expert
-        (33, 8, 4, 32, 64, 32, torch.float32),
+        (9, 4, 2, 80, 96, 16, torch.float32, False),
+        (40, 4, 1, 48, 64, 16, torch.float16, False),  # k = 1, several tiles per expert
+        (40, 4, 1, 48, 160, 16, torch.float16, True),
+        (33, 8, 4, 32, 64, 32, torch.float32, False),
     ],
 )
 def test_gemm2_scales_by_router_weight_and_combine_sums_each_token(
     tiles: GemmTiles, tokens: int, experts: int, top_k: int, hidden: int, inter: int,
-    block_m: int, dtype: torch.dtype,
+    block_m: int, dtype: torch.dtype, fast: bool,
 ) -> None:
     g, plan = case(tokens, experts, top_k, block_m, seed=7 * tokens + inter)
     codes, scales = random_mxfp4(g, experts, hidden, inter)
     bias = torch.randn(experts, hidden, generator=g)
     act = torch.randn(tokens * top_k, inter, generator=g).to(dtype)
-    y = gemm2_scale(act, codes, scales, bias, plan, tiles)
+    ys = gemm2_scale(act, codes, scales, bias, plan, tiles, fast)
+    assert ys.shape == (tiles.split_k, tokens * top_k, hidden)
+    y = ys.sum(0).to(dtype) if tiles.split_k > 1 else ys[0]
     w = dense(codes, scales).to(dtype)
     pair = plan.sorted_pair.long()
     e = plan.experts.reshape(-1).long()[pair]
@@ -94,9 +107,9 @@ def test_gemm2_scales_by_router_weight_and_combine_sums_each_token(
     want = (want * rw[:, None]).to(dtype)
     tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(y, want, **tol)
-    out = combine(y, plan, top_k)
-    summed = y.float()[plan.pos.long()].view(tokens, top_k, hidden).sum(1).to(dtype)
-    torch.testing.assert_close(out, summed, rtol=0, atol=1e-6)
+    out = combine(ys, plan, top_k, dtype)
+    summed = ys.float().sum(0)[plan.pos.long()].view(tokens, top_k, hidden).sum(1).to(dtype)
+    torch.testing.assert_close(out, summed, rtol=1e-6, atol=1e-5)
 
 
 def test_every_code_and_scale_is_dequantized_exactly() -> None:
@@ -114,7 +127,7 @@ def test_every_code_and_scale_is_dequantized_exactly() -> None:
     plan = route_plan_ref(logits, 1, 16)
     act = torch.eye(inter)[plan.sorted_pair.long()]  # rows in expert order
     bias = torch.zeros(experts, hidden)
-    y = gemm2_scale(act, codes, scales, bias, plan, GemmTiles(16, 32))
+    y = gemm2_scale(act, codes, scales, bias, plan, GemmTiles(16, 32))[0]
     y = y / plan.weights.reshape(-1)[plan.sorted_pair.long()][:, None]
     w = dense(codes, scales)  # [E, H, I]
     tok = plan.sorted_pair.long()

@@ -1,0 +1,86 @@
+"""GPU checks of what the CPU interpreter cannot run: the PTX dequantization of the fast path, and
+every tile configuration the benchmark may pick, at real gpt-oss shapes (pytest -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.moe import moe_experts, prepare_moe, router_logits
+from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
+from kernels.moe_gemm import GemmTiles, gemm1_swiglu, gemm2_scale
+from kernels.moe_ref import experts_ref
+from kernels.moe_routing import route, route_plan_ref
+from runtime.config import ModelConfig
+from runtime.mxfp4 import dequantize
+from runtime.synthetic import random_layer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("tiles", [GemmTiles(64, 128, swap_ab=True), GemmTiles(128, 64)],
+                         ids=["swap", "plain"])
+def test_fast_path_dequantizes_every_code_and_scale_exactly(tiles: GemmTiles) -> None:
+    experts, hidden, inter = 2, 256, 256
+    codes = torch.arange(256, dtype=torch.uint8).repeat(experts * hidden * inter // 512)
+    codes = codes.view(experts, hidden, inter // 2).cuda()
+    scales = torch.arange(107, 137, dtype=torch.uint8).repeat(experts * hidden * inter // 32)
+    scales = scales[: experts * hidden * inter // 32].view(experts, hidden, inter // 32).cuda()
+    tokens = inter  # token t routes to expert t % 2 and carries the one-hot row t
+    logits = torch.full((tokens, experts), -1.0)
+    logits[torch.arange(tokens), torch.arange(tokens) % experts] = 1.0
+    plan = route(logits.cuda(), 1, 16)
+    act = torch.eye(inter, device="cuda", dtype=torch.float16)[plan.sorted_pair.long()]
+    bias = torch.zeros(experts, hidden, device="cuda")
+    y = gemm2_scale(act, codes, scales, bias, plan, tiles, fast=True, out_dtype=torch.float32)[0]
+    y = y / plan.weights.reshape(-1)[plan.sorted_pair.long()][:, None]
+    w = dequantize(codes.view(experts, hidden, inter // 32, 16), scales)  # [E, H, I] fp32
+    tok = plan.sorted_pair.long()
+    assert torch.equal(y, w[tok % experts, :, tok])
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_compiled_fast_path_equals_its_interpreted_emulation(swap: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, k = 4, 96, 64, 24, 2
+    logits = torch.randn(tokens, experts, generator=g)
+    codes = torch.randint(0, 256, (experts, 2 * inter, hidden // 2), dtype=torch.uint8, generator=g)
+    scales = torch.randint(116, 126, (experts, 2 * inter, hidden // 32), dtype=torch.uint8,
+                           generator=g)
+    bias = torch.randn(experts, 2 * inter, generator=g)
+    x = torch.randn(tokens, hidden, generator=g).half()
+    tiles = GemmTiles(64, 64, swap_ab=swap)
+    cpu = gemm1_swiglu(x, codes, scales, bias, route_plan_ref(logits, k, 16), k, 1.702, 7.0,
+                       tiles, fast=True)
+    gpu = gemm1_swiglu(x.cuda(), codes.cuda(), scales.cuda(), bias.cuda(),
+                       route(logits.cuda(), k, 16), k, 1.702, 7.0, tiles, fast=True)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=2e-3, atol=2e-3)
+
+
+CONFIGS = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES}
+CFG_20B = ModelConfig(num_hidden_layers=1, num_experts=32)
+
+
+@pytest.fixture(scope="module")
+def layer_20b():  # noqa: ANN201
+    return random_layer(CFG_20B, 0, seed=4, device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("tokens", [3, 200])
+def test_every_candidate_config_matches_the_reference(name: str, tokens: int, layer_20b) -> None:  # noqa: ANN001
+    cfg, layer = CFG_20B, layer_20b
+    x = torch.randn(tokens, cfg.hidden_size, device="cuda", generator=torch.Generator(
+        "cuda").manual_seed(tokens)).to(torch.bfloat16)
+    mc: MoEConfig = CONFIGS[name]
+    plan = route(router_logits(x, layer), 4, mc.block_m)
+    got = moe_experts(x, plan, prepare_moe(layer), 4, mc)
+    want = experts_ref(
+        x, plan.weights, plan.experts.long(), layer.mlp1_blocks, layer.mlp1_scales,
+        layer.mlp1_bias, layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias,
+    )
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, f"{name}: relative error {err:.2e}"
