@@ -92,6 +92,9 @@ def measure_peaks() -> Peaks:
 
 
 def commit() -> str:
+    """The tree's commit: $GPTOSS_COMMIT (the GPU machine gets a copy without .git), else git."""
+    if os.environ.get("GPTOSS_COMMIT"):
+        return os.environ["GPTOSS_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
