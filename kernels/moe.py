@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.moe_configs import DECODE, PREFILL, MoEConfig, choose_config
+from kernels.moe_configs import DECODE, DECODE_FEW, MIDDLE, PREFILL, MoEConfig, choose_config
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import moe_ref
 from kernels.moe_routing import RoutingPlan, route
@@ -109,5 +109,5 @@ def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -
     )
 
 
-__all__ = ["DECODE", "PREFILL", "MoEConfig", "MoEPrepared", "choose_config", "moe_experts",
+__all__ = ["DECODE", "DECODE_FEW", "MIDDLE", "PREFILL", "MoEConfig", "MoEPrepared", "choose_config", "moe_experts",
            "moe_forward", "moe_forward_ref", "prepare_moe", "router_logits"]

@@ -29,14 +29,19 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
 
 
-DECODE = MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True))
-# One or two tokens hit ≤ 8 experts: ≤ 8·45 GEMM 2 programs of 64 rows for 132 SMs, so split K.
+DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
+# One or two tokens hit ≤ 8 experts: 64-row programs, and GEMM 2 (2880 rows per expert) splits
+# K, so ≥ 360 programs share the 132 SMs evenly.
 DECODE_FEW = MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
                        GemmTiles(64, 128, swap_ab=True, split_k=2))
-PREFILL = MoEConfig(128, GemmTiles(128, 64, num_warps=8), GemmTiles(128, 64, num_warps=8))
+# 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
+MIDDLE = MoEConfig(32, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True))
+PREFILL = MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
+                    GemmTiles(128, 64, swap_ab=True, num_warps=8))
 
 DECODE_CANDIDATES = {
-    "d_swap64": DECODE,
+    "d_swap128": DECODE,
+    "d_swap64": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
     "d_swap64s2": DECODE_FEW,
     "d_swap64s3": MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
                             GemmTiles(64, 128, swap_ab=True, split_k=3)),
@@ -44,23 +49,20 @@ DECODE_CANDIDATES = {
                               GemmTiles(64, 256, swap_ab=True, num_stages=2)),
     "d_swap64st4": MoEConfig(16, GemmTiles(64, 128, swap_ab=True, num_stages=4),
                              GemmTiles(64, 128, swap_ab=True, num_stages=4)),
-    "d_swap128": MoEConfig(16, GemmTiles(128, 128, swap_ab=True),
-                           GemmTiles(128, 128, swap_ab=True)),
     "d_mma32": MoEConfig(16, GemmTiles(32, 128), GemmTiles(32, 128)),
     "d_exact": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True),
                          fast=False),
 }
 PREFILL_CANDIDATES = {
-    "p_m128": PREFILL,
+    "p_swap128": PREFILL,
+    "p_m128": MoEConfig(128, GemmTiles(128, 64, num_warps=8), GemmTiles(128, 64, num_warps=8)),
     "p_m64": MoEConfig(64, GemmTiles(128, 64), GemmTiles(128, 64)),
     "p_m128k128": MoEConfig(128, GemmTiles(128, 128, num_warps=8),
                             GemmTiles(128, 128, num_warps=8)),
-    "p_m128n256": MoEConfig(128, GemmTiles(256, 64, num_warps=8),
-                            GemmTiles(256, 64, num_warps=8)),
-    "p_swap128": MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
-                           GemmTiles(128, 64, swap_ab=True, num_warps=8)),
     "p_swap64": MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True)),
-    "p_m32": MoEConfig(32, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
+    "p_m32": MIDDLE,
+    "p_m32n128": MoEConfig(32, GemmTiles(128, 128, swap_ab=True),
+                           GemmTiles(128, 128, swap_ab=True)),
 }
 
 
@@ -76,7 +78,11 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """Decode tiles while the average hit expert has at most a tile's worth of rows."""
+    """By the average rows per expert: decode tiles up to 16, 32-row tiles up to 48, then
+    prefill tiles (and the few-experts decode config for one or two tokens)."""
+    rows = tokens * top_k / num_experts
     if tokens * top_k <= 8:
         return DECODE_FEW
-    return DECODE if tokens * top_k / num_experts <= 16 else PREFILL
+    if rows <= 16:
+        return DECODE
+    return MIDDLE if rows <= 48 else PREFILL

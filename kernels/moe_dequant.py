@@ -16,9 +16,11 @@ fast (CUDA, fp16 MMA): four code bytes at once, in PTX: each nibble → e4m3 bit
     per weight byte instead of ~16. The activations are converted to fp16 (exact for bf16 values
     of magnitude 2⁻¹⁴…65504).
     Register order: the tile is loaded as [BN, G, 4 t, 4 a] (byte 4t + a of each 16-byte group,
-    contiguous 4-byte loads) and laid out so that column c = 8a + 2t + h holds k = 8t + 2a + h:
-    each thread's four bytes are then exactly the k pairs of its MMA fragment. The activation
-    tile gets the same column permutation, so the dot product is unchanged.
+    contiguous 4-byte loads) and its columns are ordered c = 16h + 8a₁ + 2t + a₀ (a = 2a₁ + a₀,
+    h the nibble) for k = 8t + 2a + h: the asm's f16x2 outputs (low nibbles of bytes a₀ = 0, 1)
+    are then exactly registers of thread t's MMA fragment (columns 2t, 2t + 1 of each 8). The asm
+    is elementwise (output i depends on byte i alone), so this is about speed, never results.
+    The activation tile gets the same column permutation: the dot product is unchanged.
 OCP Microscaling Formats (MX) v1.0: https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf
 """
 
@@ -26,11 +28,11 @@ from __future__ import annotations
 
 import triton.language as tl
 
-# 4 code bytes (one b32) → X = [lo₀, hi₀, lo₁, hi₁], Y = [lo₂, hi₂, lo₃, hi₃] as fp16 · 2⁻⁶
+# Elementwise over 4 code bytes (one b32): lo[i], hi[i] = byte i's low / high nibble as fp16 · 2⁻⁶.
 _E2M1_X4_ASM = tl.constexpr("""
 {
-.reg .b32 a, b, lo, hi, p, q;
-.reg .b16 l0, l1;
+.reg .b32 a, b, lo, hi;
+.reg .b16 l0, l1, h0, h1;
 and.b32 a, $4, 0x07070707;
 shl.b32 a, a, 2;
 and.b32 b, $4, 0x08080808;
@@ -40,14 +42,12 @@ shr.b32 a, $4, 2;
 and.b32 a, a, 0x1C1C1C1C;
 and.b32 b, $4, 0x80808080;
 or.b32 hi, a, b;
-prmt.b32 p, lo, hi, 0x5140;
-prmt.b32 q, lo, hi, 0x7362;
-mov.b32 {l0, l1}, p;
+mov.b32 {l0, l1}, lo;
+mov.b32 {h0, h1}, hi;
 cvt.rn.f16x2.e4m3x2 $0, l0;
 cvt.rn.f16x2.e4m3x2 $1, l1;
-mov.b32 {l0, l1}, q;
-cvt.rn.f16x2.e4m3x2 $2, l0;
-cvt.rn.f16x2.e4m3x2 $3, l1;
+cvt.rn.f16x2.e4m3x2 $2, h0;
+cvt.rn.f16x2.e4m3x2 $3, h1;
 }
 """)
 
@@ -86,23 +86,15 @@ def _a_tile(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
 
 
 def _e2m1_x4_emulated(codes):
-    """_E2M1_X4_ASM in plain Triton (the interpreter cannot run PTX): codes [..., 4] u8 →
-    (X, Y) [..., 4] fp16 with the asm's packing."""
+    """_E2M1_X4_ASM in plain Triton (the interpreter cannot run PTX): codes u8 → (lo, hi) fp16."""
     c = codes.to(tl.int32)
-    lo = (_fp4_f32(c & 15) * 256.0).to(tl.float16)  # fp4 · 2⁻⁶
-    hi = (_fp4_f32(c >> 4) * 256.0).to(tl.float16)
-    v = tl.join(lo, hi)  # [..., 4 a, 2 h], a = 2s + b
-    shape: tl.constexpr = codes.shape
-    v = tl.reshape(v, (shape[0], shape[1], shape[2], 2, 2, 2))  # [..., s, b, h]
-    x, y = tl.split(tl.permute(v, (0, 1, 2, 4, 5, 3)))  # [..., b, h] for s = 0, 1
-    return (tl.reshape(x, (shape[0], shape[1], shape[2], 4)),
-            tl.reshape(y, (shape[0], shape[1], shape[2], 4)))
+    return (_fp4_f32(c & 15) * 256.0).to(tl.float16), (_fp4_f32(c >> 4) * 256.0).to(tl.float16)
 
 
 def _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K: tl.constexpr,
                  EMULATE: tl.constexpr):
-    """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights, column c of
-    each 32-group holding k = 8t + 2a + h for c = 8a + 2t + h."""
+    """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights; in each
+    32-group column c = 16h + 8a₁ + 2t + a₀ holds k = 8t + 2a + h (byte 4t + a, a = 2a₁ + a₀)."""
     G: tl.constexpr = BLOCK_K // 32
     BN: tl.constexpr = w_row.shape[0]
     g = tl.arange(0, G)
@@ -113,14 +105,14 @@ def _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K: tl.constexpr,
     m4 = nmask[:, None, None, None] & kmask[None, :, None, None]
     codes = tl.load(W + w_row[:, None, None, None] + off, mask=m4, other=0)  # [BN, G, 4t, 4a]
     if EMULATE:
-        xv, yv = _e2m1_x4_emulated(codes)
+        lo, hi = _e2m1_x4_emulated(codes)
     else:
-        xv, yv = tl.inline_asm_elementwise(
+        lo, hi = tl.inline_asm_elementwise(
             _E2M1_X4_ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16),
             is_pure=True, pack=4,
         )
-    v = tl.reshape(tl.join(xv, yv), (BN, G, 4, 2, 2, 2))  # [BN, G, t, b, h, s], a = 2s + b
-    v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # c = 8a + 2t + h
+    v = tl.reshape(tl.join(lo, hi), (BN, G, 4, 2, 2, 2))  # [BN, G, t, a₁, a₀, h]
+    v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # [BN, G, h, a₁, t, a₀]
     sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
                  mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
     sc = ((tl.maximum(sc, 106) - 106) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(s−121)
@@ -134,8 +126,8 @@ def _a_tile_fast(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
     k = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(A + a_row[:, None] + k[None, :], mask=amask[:, None] & (k < K)[None, :],
                 other=0.0).to(tl.float16)
-    x = tl.permute(tl.reshape(x, (BM, G, 4, 4, 2)), (0, 1, 3, 2, 4))  # [BM, G, a, t, h]
-    return tl.reshape(x, (BM, BLOCK_K))
+    x = tl.reshape(x, (BM, G, 4, 2, 2, 2))  # k = 8t + 4a₁ + 2a₀ + h: [BM, G, t, a₁, a₀, h]
+    return tl.reshape(tl.permute(x, (0, 1, 5, 3, 2, 4)), (BM, BLOCK_K))
 
 
 HELPERS = (_fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _w_tile_fast, _a_tile_fast)

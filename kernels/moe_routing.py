@@ -32,7 +32,7 @@ jit = KernelSet(globals())
 
 # One program ranks BLOCK_T·k pairs against all experts at once ([BLOCK_T·k, E] one-hot scan):
 # keep that product near this many elements.
-_RANK_ELEMS = 16384
+_RANK_ELEMS = 32768
 
 
 @dataclass(frozen=True)

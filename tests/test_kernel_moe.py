@@ -12,6 +12,8 @@ import torch
 
 from kernels.moe import (
     DECODE,
+    DECODE_FEW,
+    MIDDLE,
     PREFILL,
     MoEConfig,
     choose_config,
@@ -80,8 +82,9 @@ def test_no_tokens() -> None:
 
 
 def test_config_follows_rows_per_expert() -> None:
-    assert choose_config(1, 4, 32) is DECODE
+    assert choose_config(1, 4, 32) is DECODE_FEW  # ≤ 8 experts hit: GEMM 2 splits K
     assert choose_config(64, 4, 128) is DECODE
+    assert choose_config(256, 4, 32) is MIDDLE  # 32 rows per expert
     assert choose_config(4096, 4, 32) is PREFILL
 
 
