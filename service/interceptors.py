@@ -1,4 +1,5 @@
-"""Server interceptors: bearer-token auth, and unexpected exceptions → INTERNAL (never UNKNOWN).
+"""Server interceptors: bearer-token auth; unexpected exceptions → INTERNAL, unparseable requests →
+INVALID_ARGUMENT (never UNKNOWN).
 
 grpc.aio turns an exception escaping a handler into UNKNOWN with the exception text; clients cannot
 act on that and it may leak internals. The error interceptor wraps every handler: deliberate aborts
@@ -77,8 +78,31 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     return make(unary, handler.request_deserializer, handler.response_serializer)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse (the handler answers INVALID_ARGUMENT)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    # grpc.aio answers a deserializer's exception with UNKNOWN before any handler runs, so parse
+    # errors are handed to the handler as a value instead.
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, mostly
+            return _Undecodable(exc)
+
+    return parse
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions escaping a handler to INTERNAL with an error id in the log and message."""
+    """Maps exceptions escaping a handler to INTERNAL with an error id in the log and message, and
+    requests that are not valid protobuf to INVALID_ARGUMENT."""
 
     def __init__(self, on_error: Callable[[str], None] | None = None) -> None:
         self._on_error = on_error
@@ -99,6 +123,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); see server log"
             )
 
+        async def undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+            if on_error:
+                on_error("INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid message for {method}: {request.error}")
+
         def deliberate(exc: Exception, context: grpc.aio.ServicerContext) -> bool:
             # context.abort() raises AbortError after setting the code: let that through.
             if isinstance(exc, grpc.aio.AbortError):
@@ -110,6 +140,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):  # noqa: ANN001, ANN202
+                if isinstance(request, _Undecodable):
+                    await undecodable(context, request)
                 try:
                     return await inner(request, context)
                 except Exception as exc:
@@ -118,12 +150,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await internal(context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _lenient(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):  # noqa: ANN001, ANN202
+                if isinstance(request, _Undecodable):
+                    await undecodable(context, request)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
@@ -133,6 +167,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await internal(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, _lenient(handler.request_deserializer), handler.response_serializer
             )
         return handler  # streaming requests: none in this API
