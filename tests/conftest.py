@@ -92,3 +92,61 @@ def slow_engine():  # noqa: ANN201
         return Throttled(engine, delay_s)
 
     return make
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for a server that must come back on the same port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve_process(tmp_path):  # noqa: ANN001, ANN201
+    """serve_process(*serve_args, port=0) -> a `gptoss-serve serve` child process, ready to serve.
+
+    Returns the Popen with `.port`, `.metrics_port` and `.target` set; the built-in tiny model in
+    float32 unless the args say otherwise. Every process started is killed at teardown.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, port: int = 0, timeout: float = 120.0) -> subprocess.Popen:
+        port_file = tmp_path / f"ports-{len(started)}.json"
+        cmd = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve",
+               "--port", str(port), "--metrics-port", "0", "--port-file", str(port_file),
+               "--dtype", "float32", "--max-context", "256", *args]
+        with open(tmp_path / f"serve-{len(started)}.log", "w") as log:  # the child keeps its copy
+            proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        started.append(proc)
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout, "the port file")
+        assert proc.poll() is None, (tmp_path / f"serve-{len(started) - 1}.log").read_text()
+        ports = json.loads(port_file.read_text())
+        proc.port, proc.metrics_port = ports["port"], ports["metrics_port"]
+        proc.target = f"127.0.0.1:{proc.port}"
+        from service.client import GenerationClient
+
+        with GenerationClient(proc.target, timeout=10) as c:  # loaded once GetModelInfo answers
+            def loaded() -> bool:
+                try:
+                    return c.model_info().max_slots > 0
+                except Exception:  # noqa: BLE001 - UNAVAILABLE while loading
+                    return False
+
+            wait_for(loaded, timeout, "the model to load")
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
