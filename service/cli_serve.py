@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the built-in tiny random model)")
+    # Benchmarks: a preset shape (e.g. 20b) with seeded random weights made on the device.
+    p.add_argument("--random-shape", help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
     p.add_argument("--metrics-port", type=int, default=9090,
@@ -49,7 +51,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a ServerConfig
     return ServerConfig(
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        model=args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
+        model=args.model, random_shape=args.random_shape, device=args.device, dtype=args.dtype, kernels=args.kernels,
         cuda_graphs=not args.no_cuda_graphs, max_slots=args.max_slots,
         max_context=args.max_context, max_chunk_tokens=args.max_chunk_tokens,
         max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,

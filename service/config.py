@@ -12,6 +12,7 @@ class ServerConfig:
     metrics_port: int | None = 9090  # None: no /metrics endpoint; 0: pick a free port
     # engine
     model: str | None = None  # checkpoint directory; None = the built-in tiny random model
+    random_shape: str | None = None  # instead of a checkpoint: a preset shape, random weights (bench)
     device: str = "cpu"
     dtype: str = "bfloat16"
     max_slots: int = 8
@@ -49,6 +50,15 @@ class ServerConfig:
             raise ValueError(f"max_new_tokens_limit must be ≥ 1, got {self.max_new_tokens_limit}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be ≥ 0, got {self.grace_period_s}")
+        if self.random_shape is not None:
+            from runtime.config import PRESETS  # plain data, no torch
+
+            if self.model is not None:
+                raise ValueError("give a model or a random shape, not both")
+            if self.random_shape not in PRESETS:
+                raise ValueError(
+                    f"unknown shape {self.random_shape!r}; choose one of {sorted(PRESETS)}"
+                )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.auth_token is not None and not self.auth_token.strip():

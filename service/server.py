@@ -35,13 +35,20 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(config: ServerConfig):  # noqa: ANN201 - a runtime.engine.Engine
-    from runtime.engine import Engine, EngineConfig
+    from runtime.engine import DTYPES, Engine, EngineConfig
 
+    weights = None
+    if config.random_shape is not None:  # generated on the device: no checkpoint on disk
+        from runtime.config import preset
+        from runtime.synthetic import random_weights
+
+        weights = random_weights(preset(config.random_shape), seed=0, device=config.device,
+                                 dtype=DTYPES[config.dtype])
     engine = Engine(EngineConfig(
         model=config.model, device=config.device, dtype=config.dtype, max_slots=config.max_slots,
         max_context=config.max_context, max_chunk_tokens=config.max_chunk_tokens,
         cuda_graphs=config.cuda_graphs, kernels=config.kernels,
-    ))
+    ), weights=weights)
     if config.warmup:
         engine.warmup()
     return engine
@@ -52,6 +59,12 @@ def _text_decoder(tokenizer):  # noqa: ANN001, ANN202
     if "skip_special_tokens" in params:  # special tokens (EOS, pads) are not text
         return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
     return lambda ids: tokenizer.decode(list(ids))
+
+
+def _model_name(cfg: ServerConfig) -> str:
+    if cfg.model:
+        return Path(cfg.model).name
+    return f"random-{cfg.random_shape}" if cfg.random_shape else "tiny-random"
 
 
 class ServerHandle:
@@ -105,7 +118,7 @@ class ServerHandle:
         )
         self.state.tokenizer = engine.tokenizer
         self.state.model_info = pb.GetModelInfoResponse(
-            model=Path(cfg.model).name if cfg.model else "tiny-random", vocab_size=mc.vocab_size,
+            model=_model_name(cfg), vocab_size=mc.vocab_size,
             max_context=engine.max_context, max_slots=engine.max_slots,
             eos_token_ids=mc.eos_token_ids, num_layers=mc.num_hidden_layers,
             hidden_size=mc.hidden_size, num_experts=mc.num_experts,

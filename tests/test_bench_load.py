@@ -146,3 +146,24 @@ def test_max_concurrency_means_the_server_slots_and_levels_run_once() -> None:
     assert resolve_levels(opts, 48) == [(1, 5), (8, 10), (48, 20)]
     with pytest.raises(ValueError):
         BenchOptions(target="x", concurrency=(1, 8), requests=(1, 2, 3))
+
+
+def test_serve_random_shape_serves_a_preset_with_random_weights(serve_process) -> None:  # noqa: ANN001
+    from service.client import GenerationClient
+
+    proc = serve_process("--random-shape", "tiny", "--max-slots", "2")
+    with GenerationClient(proc.target, timeout=60) as c:
+        info = c.model_info()
+        assert info.model == "random-tiny" and info.num_layers == 4 and info.max_slots == 2
+        out = c.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True, temperature=0.0)
+        assert len(out.token_ids) == 4
+
+
+def test_random_shape_is_a_known_preset_and_excludes_a_checkpoint() -> None:
+    from service.config import ServerConfig
+
+    with pytest.raises(ValueError, match="unknown shape"):
+        ServerConfig(random_shape="7b")
+    with pytest.raises(ValueError, match="not both"):
+        ServerConfig(random_shape="20b", model="/ckpt")
+    assert ServerConfig(random_shape="20b").random_shape == "20b"
