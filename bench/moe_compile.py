@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.moe_gemm as gemm
+import kernels.moe_gemm_kernels as gemm
 import kernels.moe_routing as routing
 from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
 
@@ -115,7 +115,9 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                 stride_we=HID * INTER // 2, stride_wn=INTER // 2, stride_se=HID * INTER // 32,
                 stride_sn=INTER // 32, stride_be=HID, RW="*fp32", stride_split=4096 * HID,
                 stride_o=HID, N=HID, K=INTER, SPLIT_K=t.split_k,
-                OUT="*fp32" if t.split_k > 1 else "*bf16"), t
+                OUT="*fp32" if t.split_k > 1 else "*bf16", POS="*i32", NUM_TILES="*i32",
+                COUNTERS="*i32", FINAL="*bf16", stride_f=HID, T=7, FUSE_COMBINE=mc.fuse_combine,
+                TOPK=K_TOP, COMBINE_T=8), t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,15 +141,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}.gemm{which}: FAILED {type(exc).__name__}: " + " | ".join(msg[-3:]),
                       flush=True)
     k = _compile(gemm, "_combine_kernel", dict(Y="*fp32", stride_split=4096 * HID, stride_y=HID,
-                                               POS="*i32", OUT="*bf16", stride_o=HID, H=HID,
-                                               TOPK=K_TOP, SPLIT_K=2, BLOCK_H=1024), 4)
+                                               POS="*i32", OUT="*bf16", stride_o=HID, T=7,
+                                               H=HID, TOPK=K_TOP, SPLIT_K=2, BLOCK_T=4,
+                                               BLOCK_H=256), 4)
     print(report(k, "combine", args.sass))
     for e_pad, block_t, fused in ((32, 1, True), (128, 32, True), (128, 32, False)):
         kpad = 4
         p_block = triton.next_power_of_2(block_t * K_TOP)
         a = dict(LOGITS="*bf16", stride_l=e_pad, T=block_t, E=e_pad, IDS="*i32", W="*fp32",
                  HIST="*i32", POS="*i32", SORTED="*i32", COUNTS="*i32", TILE_E="*i32",
-                 TILE_START="*i32", TILE_END="*i32", MAX_TILES=36, K=K_TOP, K_PAD=kpad,
+                 TILE_START="*i32", TILE_END="*i32", NUM_TILES="*i32", MAX_TILES=36, K=K_TOP,
+                 K_PAD=kpad,
                  E_PAD=e_pad, BLOCK_T=block_t, P_BLOCK=p_block, BLOCK_M=16, BLOCK_I=64,
                  FUSED=fused)
         k = _compile(routing, "_topk_kernel", a, 4)

@@ -38,9 +38,12 @@ class MoEPrepared:
     s2: torch.Tensor  # [E, H, I/32] u8
     b2: torch.Tensor  # [E, H] fp32
     fast_ok: bool = True  # every scale byte ≤ 136: the fp16 fast path is exact (kernels/moe_dequant)
+    # GEMM 2's per-N-block arrival counters for the fused combine; kernels leave them at zero.
+    counters: torch.Tensor | None = None
 
 
 FAST_MAX_SCALE = 136
+COUNTERS = 1024  # ≥ H / block_n of any config
 
 
 def _mxfp4_view(blocks: torch.Tensor, scales: torch.Tensor, name: str
@@ -62,6 +65,7 @@ def prepare_moe(layer: LayerWeights) -> MoEPrepared:
     return MoEPrepared(
         w1=w1, s1=s1, b1=layer.mlp1_bias.float().contiguous(),
         w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(), fast_ok=fast_ok,
+        counters=torch.zeros(COUNTERS, dtype=torch.int32, device=w1.device),
     )
 
 
@@ -78,6 +82,11 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
     p = prepared
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast)
+    if cfg.fuse_combine and p.counters is not None:
+        out = torch.empty_like(x)
+        gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype, out, p.counters,
+                    top_k)
+        return out
     y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype)  # [S, T·k, H]
     return combine(y, plan, top_k, x.dtype)
 

@@ -23,17 +23,19 @@ class MoEConfig:
     gemm1: GemmTiles  # block_n counts swiglu outputs (2·block_n rows of W1)
     gemm2: GemmTiles
     fast: bool = True  # fp16 MMA with PTX dequantization where the dtype and weights allow
+    fuse_combine: bool = False  # GEMM 2's last program per N block sums the tokens' rows
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
 
 
-DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
+DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True),
+                   fuse_combine=True)
 # One or two tokens hit ≤ 8 experts: 64-row programs, and GEMM 2 (2880 rows per expert) splits
 # K, so ≥ 360 programs share the 132 SMs evenly.
 DECODE_FEW = MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
-                       GemmTiles(64, 128, swap_ab=True, split_k=2))
+                       GemmTiles(64, 128, swap_ab=True, split_k=2), fuse_combine=True)
 # 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
 MIDDLE = MoEConfig(32, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True))
 PREFILL = MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
@@ -43,6 +45,10 @@ DECODE_CANDIDATES = {
     "d_swap128": DECODE,
     "d_swap64": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
     "d_swap64s2": DECODE_FEW,
+    "d_swap64s2nf": MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
+                              GemmTiles(64, 128, swap_ab=True, split_k=2)),
+    "d_swap128nf": MoEConfig(16, GemmTiles(128, 128, swap_ab=True),
+                             GemmTiles(128, 128, swap_ab=True)),
     "d_swap64s3": MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
                             GemmTiles(64, 128, swap_ab=True, split_k=3)),
     "d_swap64k256": MoEConfig(16, GemmTiles(64, 256, swap_ab=True, num_stages=2),

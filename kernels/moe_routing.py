@@ -45,6 +45,7 @@ class RoutingPlan:
     tile_expert: torch.Tensor  # [max_tiles] int32, −1 past the last tile
     tile_start: torch.Tensor  # [max_tiles] int32 first row of the tile
     tile_end: torch.Tensor  # [max_tiles] int32 one past its last row
+    num_tiles: torch.Tensor  # [1] int32 tiles in use (the others hold expert −1)
     block_m: int
 
     @property
@@ -85,7 +86,7 @@ def _place_block(
 
 @jit
 def _write_tiles(
-    totals, COUNTS, TILE_E, TILE_START, TILE_END, E, MAX_TILES,
+    totals, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, E, MAX_TILES,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     cols = tl.arange(0, E_PAD)
@@ -95,6 +96,7 @@ def _write_tiles(
     tiles_end = tl.cumsum(ntiles, axis=0)  # [E_PAD] inclusive
     tiles_begin = tiles_end - ntiles
     num = tl.sum(ntiles, axis=0)
+    tl.store(NUM_TILES, num)
     for i0 in range(0, MAX_TILES, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
         # expert of tile i = number of experts whose tiles all lie before i
@@ -114,7 +116,7 @@ def _write_tiles(
 @jit
 def _topk_kernel(
     LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
-    MAX_TILES,
+    NUM_TILES, MAX_TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
 ):
@@ -149,13 +151,15 @@ def _topk_kernel(
             0, 1, IDS, HIST, POS, SORTED, T * K, E_PAD, P_BLOCK, BLOCK_T * K
         )
         _write_tiles(
-            totals, COUNTS, TILE_E, TILE_START, TILE_END, E, MAX_TILES, E_PAD, BLOCK_M, BLOCK_I
+            totals, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, E, MAX_TILES, E_PAD,
+            BLOCK_M, BLOCK_I,
         )
 
 
 @jit
 def _place_kernel(
-    IDS, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END, nblocks, TK, E, MAX_TILES,
+    IDS, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, nblocks, TK, E,
+    MAX_TILES,
     E_PAD: tl.constexpr, P_BLOCK: tl.constexpr, PAIRS_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
@@ -164,7 +168,8 @@ def _place_kernel(
                           PAIRS_PER_BLOCK)
     if blk == 0:
         _write_tiles(
-            totals, COUNTS, TILE_E, TILE_START, TILE_END, E, MAX_TILES, E_PAD, BLOCK_M, BLOCK_I
+            totals, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, E, MAX_TILES, E_PAD,
+            BLOCK_M, BLOCK_I,
         )
 
 
@@ -193,18 +198,22 @@ def route(logits: torch.Tensor, top_k: int, block_m: int) -> RoutingPlan:
         tile_expert=torch.empty(n_tiles, dtype=i32, device=dev),
         tile_start=torch.empty(n_tiles, dtype=i32, device=dev),
         tile_end=torch.empty(n_tiles, dtype=i32, device=dev),
+        num_tiles=torch.empty(1, dtype=i32, device=dev),
         block_m=block_m,
     )
     if t == 0:
         plan.counts.zero_()
+        plan.num_tiles.zero_()
         return plan
     hist = torch.empty(nblocks, e_pad, dtype=i32, device=dev)
     pairs_per_block = block_t * top_k
     p_block = triton.next_power_of_2(pairs_per_block)
     block_i = max(16, min(triton.next_power_of_2(n_tiles), _RANK_ELEMS // e_pad))
-    num_warps = 4 if p_block * e_pad <= 4096 else 8
+    # Small problems in one warp: the scans and reductions then need no cross-warp barriers.
+    elems = p_block * e_pad
+    num_warps = 1 if elems <= 1024 else 4 if elems <= 8192 else 8
     common = (plan.pos, plan.sorted_pair, plan.counts, plan.tile_expert, plan.tile_start,
-              plan.tile_end)
+              plan.tile_end, plan.num_tiles)
     jit["_topk_kernel"][(nblocks,)](
         logits, logits.stride(0), t, e, plan.experts, plan.weights, hist, *common, n_tiles,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
@@ -244,7 +253,7 @@ def route_plan_ref(logits: torch.Tensor, top_k: int, block_m: int) -> RoutingPla
     return RoutingPlan(
         weights=weights, experts=experts.to(i32), counts=counts.to(i32), pos=pos.to(i32),
         sorted_pair=order.to(i32), tile_expert=tile_e, tile_start=tile_s, tile_end=tile_n,
-        block_m=block_m,
+        num_tiles=torch.tensor([i], dtype=i32), block_m=block_m,
     )
 
 

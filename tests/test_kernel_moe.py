@@ -116,7 +116,7 @@ def test_gpu_moe_matches_reference_at_real_shapes(shape: str, tokens: int) -> No
     clear = (top[:, k - 1] > top[:, k]) & (top[:, :k].diff(dim=-1) < 0).all(-1)
     assert clear.float().mean() > 0.5
     assert torch.equal(plan.experts.long()[clear], ref_e[clear])
-    torch.testing.assert_close(plan.weights[clear], ref_w[clear])
+    torch.testing.assert_close(plan.weights[clear], ref_w[clear], rtol=1e-5, atol=1e-6)
     # Experts: on the kernel's own routing, against the oracle.
     got = moe_forward(x, layer, cfg, prepared)
     want = experts_ref(

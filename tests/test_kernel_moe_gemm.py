@@ -148,3 +148,22 @@ def test_shape_and_dtype_mistakes_are_refused() -> None:
                      TILES[0])
     with pytest.raises(ValueError, match="power of two"):
         GemmTiles(24, 64)
+
+
+@pytest.mark.parametrize("tiles", [GemmTiles(32, 32), GemmTiles(16, 64, swap_ab=True, split_k=2)],
+                         ids=tiles_id)
+def test_fused_combine_gives_the_same_bits_and_leaves_its_counters_at_zero(
+    tiles: GemmTiles,
+) -> None:
+    tokens, experts, top_k, hidden, inter = 40, 8, 3, 80, 64  # > 16 tokens: several row blocks
+    g, plan = case(tokens, experts, top_k, 16, seed=5)
+    codes, scales = random_mxfp4(g, experts, hidden, inter)
+    bias = torch.randn(experts, hidden, generator=g)
+    act = torch.randn(tokens * top_k, inter, generator=g)
+    separate = combine(gemm2_scale(act, codes, scales, bias, plan, tiles), plan, top_k)
+    counters = torch.zeros(16, dtype=torch.int32)
+    fused = torch.full((tokens, hidden), float("nan"))
+    gemm2_scale(act, codes, scales, bias, plan, tiles, combine_into=fused, counters=counters,
+                top_k=top_k)
+    assert torch.equal(fused, separate)
+    assert counters.tolist() == [0] * 16

@@ -12,7 +12,8 @@ import torch
 from kernels.moe_ref import route_ref
 from kernels.moe_routing import RoutingPlan, max_tiles, route, route_plan_ref
 
-FIELDS = ("experts", "counts", "pos", "sorted_pair", "tile_expert", "tile_start", "tile_end")
+FIELDS = ("experts", "counts", "pos", "sorted_pair", "tile_expert", "tile_start", "tile_end",
+          "num_tiles")
 
 
 def assert_same_plan(got: RoutingPlan, want: RoutingPlan) -> None:
