@@ -104,7 +104,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, concurrency: int,
 def table(results: Iterable[dict]) -> str:
     """A fixed-width text table, one row per concurrency level."""
     head = (f"{'conc':>5} {'reqs':>5} {'err':>4} {'out tok/s':>10} {'req/s':>7} "
-            f"{'ttft p50':>9} {'p99':>9} {'itl p50':>8} {'p99':>8} {'e2e p50':>9} {'p99':>9}  (ms)")
+            f"{'ttft p50':>9} {'p99':>9} {'itl p50':>8} {'p99':>8} {'e2e p50':>9} {'p99':>9} {'cpu':>5}")
     rows = [head]
     for r in results:
         t, f = r["throughput"], _fmt
@@ -112,8 +112,9 @@ def table(results: Iterable[dict]) -> str:
             f"{r['concurrency']:>5} {t['requests']:>5} {t['failed']:>4} {t['output_tok_s']:>10.1f} "
             f"{t['requests_s']:>7.2f} {f(r['ttft']['p50']):>9} {f(r['ttft']['p99']):>9} "
             f"{f(r['itl']['p50']):>8} {f(r['itl']['p99']):>8} {f(r['e2e']['p50']):>9} "
-            f"{f(r['e2e']['p99']):>9}"
+            f"{f(r['e2e']['p99']):>9} {r.get('client_cpu_util', float('nan')):>5.2f}"
         )
+    rows.append("latencies in ms; cpu: the bench client's share of one core (near 1: client-bound)")
     return "\n".join(rows)
 
 
