@@ -105,7 +105,7 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
     common = dict(W="*u8", S="*u8", B="*fp32", SORTED="*i32", TILE_E="*i32", TILE_START="*i32",
                   TILE_END="*i32", MAX_TILES=100, BLOCK_M=mc.block_m,
                   BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, SWAP_AB=t.swap_ab,
-                  IEEE=False, FAST=fast, EMULATE=False)
+                  IEEE=False, FAST=fast, EMULATE=False, PDL=mc.pdl)
     if which == 1:
         return dict(common, X="*bf16", OUT="*fp16" if fast else "*bf16", stride_x=HID,
                     stride_we=INTER * HID, stride_wn=HID // 2, stride_se=2 * INTER * HID // 32,
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
     k = _compile(gemm, "_combine_kernel", dict(Y="*fp32", stride_split=4096 * HID, stride_y=HID,
                                                POS="*i32", OUT="*bf16", stride_o=HID, T=7,
-                                               H=HID, TOPK=K_TOP, SPLIT_K=2, BLOCK_T=4,
+                                               H=HID, TOPK=K_TOP, SPLIT_K=2, BLOCK_T=4, PDL=True,
                                                BLOCK_H=256), 4)
     print(report(k, "combine", args.sass))
     for e_pad, block_t, fused in ((32, 1, True), (128, 32, True), (128, 32, False)):
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                  TILE_START="*i32", TILE_END="*i32", NUM_TILES="*i32", MAX_TILES=36, K=K_TOP,
                  K_PAD=kpad,
                  E_PAD=e_pad, BLOCK_T=block_t, P_BLOCK=p_block, BLOCK_M=16, BLOCK_I=64,
-                 FUSED=fused)
+                 FUSED=fused, PDL=True)
         k = _compile(routing, "_topk_kernel", a, 4)
         print(report(k, f"route.e{e_pad}.t{block_t}.{'fused' if fused else 'split'}", args.sass))
 

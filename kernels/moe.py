@@ -81,14 +81,15 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
     """The experts of a routed batch: x [T, H] → [T, H] (kernels/moe_ref.experts_ref)."""
     p = prepared
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
-    act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast)
+    pdl = cfg.pdl
+    act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast, pdl)
     if cfg.fuse_combine and p.counters is not None:
         out = torch.empty_like(x)
         gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype, out, p.counters,
-                    top_k)
+                    top_k, pdl)
         return out
-    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype)  # [S, T·k, H]
-    return combine(y, plan, top_k, x.dtype)
+    y = gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype, pdl=pdl)
+    return combine(y, plan, top_k, x.dtype, pdl)  # y: [S, T·k, H]
 
 
 def moe_forward(
@@ -105,7 +106,7 @@ def moe_forward(
     k = config.experts_per_token
     cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
     x = x.contiguous()
-    plan = route(router_logits(x, layer), k, cfg.block_m)
+    plan = route(router_logits(x, layer), k, cfg.block_m, cfg.pdl)
     return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit)
 
 

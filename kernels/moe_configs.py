@@ -12,7 +12,7 @@ rows per expert ≈ T·k / E decides the regime:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kernels.moe_gemm import GemmTiles
 
@@ -24,6 +24,7 @@ class MoEConfig:
     gemm2: GemmTiles
     fast: bool = True  # fp16 MMA with PTX dequantization where the dtype and weights allow
     fuse_combine: bool = False  # GEMM 2's last program per N block sums the tokens' rows
+    pdl: bool = False  # programmatic dependent launch between the Triton kernels (sm_90+)
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -45,6 +46,8 @@ DECODE_CANDIDATES = {
     "d_swap128": DECODE,
     "d_swap64": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
     "d_swap64s2": DECODE_FEW,
+    "d_swap64s2pdl": replace(DECODE_FEW, pdl=True),
+    "d_swap128pdl": replace(DECODE, pdl=True),
     "d_swap64s2nf": MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
                               GemmTiles(64, 128, swap_ab=True, split_k=2)),
     "d_swap128nf": MoEConfig(16, GemmTiles(128, 128, swap_ab=True),
@@ -65,6 +68,7 @@ PREFILL_CANDIDATES = {
     "p_m64": MoEConfig(64, GemmTiles(128, 64), GemmTiles(128, 64)),
     "p_m128k128": MoEConfig(128, GemmTiles(128, 128, num_warps=8),
                             GemmTiles(128, 128, num_warps=8)),
+    "p_swap128pdl": replace(PREFILL, pdl=True),
     "p_swap64": MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True)),
     "p_m32": MIDDLE,
     "p_m32n128": MoEConfig(32, GemmTiles(128, 128, swap_ab=True),

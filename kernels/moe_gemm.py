@@ -60,20 +60,32 @@ def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n
             raise ValueError(f"{name}: weights on {t.device}, activations on {device}")
 
 
-def _launch_args(tiles: GemmTiles, dtype: torch.dtype, fast: bool, device: torch.device) -> dict:
+def compiled(device: torch.device) -> bool:
+    """CUDA tensors outside TRITON_INTERPRET: PTX (fast path, PDL) can run."""
+    return device.type == "cuda" and not interpret_forced()
+
+
+def pdl_args(pdl: bool, device: torch.device) -> dict:
+    """Programmatic dependent launch (sm_90+): the kernel waits in-kernel for its predecessor."""
+    on = pdl and compiled(device)
+    return dict(PDL=on, launch_pdl=on)
+
+
+def _launch_args(tiles: GemmTiles, dtype: torch.dtype, fast: bool, device: torch.device,
+                 pdl: bool) -> dict:
     if fast and dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the fast (fp16 MMA) path needs fp16/bf16 activations, got {dtype}")
-    emulate = device.type != "cuda" or interpret_forced()  # the interpreter cannot run PTX
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-                SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32, FAST=fast, EMULATE=emulate,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32, FAST=fast,
+                EMULATE=not compiled(device),  # the interpreter cannot run PTX
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_args(pdl, device))
 
 
 def gemm1_swiglu(
     x: torch.Tensor,  # [T, H] activations
     w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, 2I, H/2] u8, [E, 2I, H/32] u8, [E, 2I]
     plan: RoutingPlan, top_k: int, alpha: float, limit: float, tiles: GemmTiles,
-    fast: bool = False,
+    fast: bool = False, pdl: bool = False,
 ) -> torch.Tensor:
     """→ act [T·k, I], rows in the plan's expert order: in x's dtype, or fp16 with `fast`
     (|act| ≤ L·(L + 1) = 56 fits fp16, the next GEMM's MMA type)."""
@@ -95,7 +107,7 @@ def gemm1_swiglu(
         x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b, b.stride(0),
         plan.sorted_pair, plan.tile_expert, plan.tile_start, plan.tile_end, out, out.stride(0),
         n2, h, plan.max_tiles, float(alpha), float(limit),
-        TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype, fast, x.device),
+        TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype, fast, x.device, pdl),
     )
     return out
 
@@ -105,7 +117,7 @@ def gemm2_scale(
     w: torch.Tensor, s: torch.Tensor, b: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32] u8, [E, H]
     plan: RoutingPlan, tiles: GemmTiles, fast: bool = False, out_dtype: torch.dtype | None = None,
     combine_into: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-    top_k: int = 1,
+    top_k: int = 1, pdl: bool = False,
 ) -> torch.Tensor:
     """→ y [S, T·k, H] (S = tiles.split_k): each row's expert output times its router weight.
     S = 1: in out_dtype (default act's), the matmul rounded to it before the bias as in the
@@ -141,13 +153,13 @@ def gemm2_scale(
         plan.pos, plan.num_tiles, cnt, final, final.stride(-2), rows // top_k,
         BLOCK_M=plan.block_m, SPLIT_K=split, FUSE_COMBINE=fuse, TOPK=top_k,
         COMBINE_T=min(16, triton.next_power_of_2(max(1, rows // top_k))),
-        **_launch_args(tiles, act.dtype, fast, act.device),
+        **_launch_args(tiles, act.dtype, fast, act.device, pdl),
     )
     return out
 
 
 def combine(y: torch.Tensor, plan: RoutingPlan, top_k: int,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, pdl: bool = False) -> torch.Tensor:
     """y [S, T·k, H] in expert order → [T, H] (out_dtype, default y's): each token's k·S rows
     summed in fp32."""
     split, rows, h = y.shape
@@ -159,6 +171,6 @@ def combine(y: torch.Tensor, plan: RoutingPlan, top_k: int,
     block_h = min(1024 // block_t, triton.next_power_of_2(h))
     jit["_combine_kernel"][(triton.cdiv(t, block_t), triton.cdiv(h, block_h))](
         y, y.stride(0), y.stride(1), plan.pos, out, out.stride(0), t, h, TOPK=top_k,
-        SPLIT_K=split, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        SPLIT_K=split, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4, **pdl_args(pdl, y.device),
     )
     return out

@@ -26,6 +26,7 @@ MoE grouped GEMM (MegaBlocks): https://arxiv.org/abs/2211.15841; OCP MX formats 
 from __future__ import annotations
 
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.jit import KernelSet
 from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
@@ -72,6 +73,15 @@ def _mma1(a, w, acc, SWAP_AB: tl.constexpr):
 
 
 @jit
+def _pdl_start(PDL: tl.constexpr):
+    """Programmatic dependent launch: wait for the previous kernel's results (it may still be
+    finishing when this one starts), then let the next kernel start launching."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@jit
 def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
     width = GROUP_M * NUM_N
     first = (pid // width) * GROUP_M
@@ -111,12 +121,13 @@ def _gemm1_swiglu_kernel(
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N2, K, MAX_TILES, alpha, limit,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     """OUT[row, n] = swiglu(h[2n], h[2n+1]), h = x[token(row)]·W1[e]ᵀ + b1[e]; a program owns
     BLOCK_N consecutive (interleaved gate/linear) rows of W1 and splits them after the dot."""
     DTYPE: tl.constexpr = X.dtype.element_ty  # the matmul's rounding, as in the reference
     HALF: tl.constexpr = BLOCK_N // 2
+    _pdl_start(PDL)
     tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N2, BLOCK_N), GROUP_M)
     e, rows, rmask = _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M)
     if e < 0:
@@ -176,7 +187,7 @@ def _gemm2_scale_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT_K: tl.constexpr, FUSE_COMBINE: tl.constexpr,
-    TOPK: tl.constexpr, COMBINE_T: tl.constexpr,
+    TOPK: tl.constexpr, COMBINE_T: tl.constexpr, PDL: tl.constexpr,
 ):
     """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H. With SPLIT_K > 1
     program s sums its share of K into OUT[s] (fp32; bias on s = 0 only, no rounding).
@@ -184,6 +195,7 @@ def _gemm2_scale_kernel(
     also sums every token's k·S rows of that block into FINAL [T, H], in the combine kernel's
     order: one launch less, same bits."""
     DTYPE: tl.constexpr = OUT.dtype.element_ty  # the matmul's rounding, as in the reference
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     split = pid % SPLIT_K
     tile, pid_n = _tile_of(pid // SPLIT_K, MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -228,9 +240,10 @@ def _gemm2_scale_kernel(
 @jit
 def _combine_kernel(
     Y, stride_split, stride_y, POS, OUT, stride_o, T, H, TOPK: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """OUT[t] = Σ_j Σ_s Y[s, pos[t·k + j]] in fp32, in a fixed order: deterministic, no atomics."""
+    _pdl_start(PDL)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     _combine_rows(Y, stride_split, stride_y, POS, OUT, stride_o, tl.program_id(0) * BLOCK_T, T,
                   h, h < H, TOPK, SPLIT_K, BLOCK_T)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels.jit import KernelSet
+from kernels.jit import KernelSet, interpret_forced
 from kernels.moe_ref import route_ref
 
 jit = KernelSet(globals())
@@ -119,7 +120,11 @@ def _topk_kernel(
     NUM_TILES, MAX_TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch: see kernels/moe_gemm_kernels._pdl_start
+        gdc_wait()
+        gdc_launch_dependents()
     blk = tl.program_id(0)
     rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
@@ -161,8 +166,11 @@ def _place_kernel(
     IDS, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, nblocks, TK, E,
     MAX_TILES,
     E_PAD: tl.constexpr, P_BLOCK: tl.constexpr, PAIRS_PER_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     blk = tl.program_id(0)
     totals = _place_block(blk, nblocks, IDS, HIST, POS, SORTED, TK, E_PAD, P_BLOCK,
                           PAIRS_PER_BLOCK)
@@ -173,8 +181,9 @@ def _place_kernel(
         )
 
 
-def route(logits: torch.Tensor, top_k: int, block_m: int) -> RoutingPlan:
-    """Router logits [T, E] (any float dtype) → RoutingPlan with tiles of `block_m` rows."""
+def route(logits: torch.Tensor, top_k: int, block_m: int, pdl: bool = False) -> RoutingPlan:
+    """Router logits [T, E] (any float dtype) → RoutingPlan with tiles of `block_m` rows.
+    pdl: launch with programmatic dependent launch (CUDA, sm_90+), see moe_gemm.pdl_args."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"route: logits must be [T, E] with unit column stride, got "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
@@ -214,17 +223,18 @@ def route(logits: torch.Tensor, top_k: int, block_m: int) -> RoutingPlan:
     num_warps = 1 if elems <= 1024 else 4 if elems <= 8192 else 8
     common = (plan.pos, plan.sorted_pair, plan.counts, plan.tile_expert, plan.tile_start,
               plan.tile_end, plan.num_tiles)
+    pdl = pdl and logits.is_cuda and not interpret_forced()
     jit["_topk_kernel"][(nblocks,)](
         logits, logits.stride(0), t, e, plan.experts, plan.weights, hist, *common, n_tiles,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
         P_BLOCK=p_block, BLOCK_M=block_m, BLOCK_I=block_i, FUSED=nblocks == 1,
-        num_warps=num_warps,
+        num_warps=num_warps, PDL=pdl, launch_pdl=pdl,
     )
     if nblocks > 1:
         jit["_place_kernel"][(nblocks,)](
             plan.experts, hist, *common, nblocks, t * top_k, e, n_tiles,
             E_PAD=e_pad, P_BLOCK=p_block, PAIRS_PER_BLOCK=pairs_per_block, BLOCK_M=block_m,
-            BLOCK_I=block_i, num_warps=num_warps,
+            BLOCK_I=block_i, num_warps=num_warps, PDL=pdl, launch_pdl=pdl,
         )
     return plan
 
