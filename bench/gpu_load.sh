@@ -60,9 +60,19 @@ done
 read -r PORT METRICS_PORT < <($PY -c \
   "import json; p = json.load(open('$OUT/ports.json')); print(p['port'], p['metrics_port'])")
 echo "=== server pid $SERVER on port $PORT (metrics $METRICS_PORT), bound after $((SECONDS - T0))s"
+READY=""
+while (( SECONDS - T0 < LOAD_LIMIT )); do  # loaded once GetModelInfo answers; give up if it died
+  if $PY -c "import asyncio, sys; from bench.load import wait_for_server as w; \
+asyncio.run(w(sys.argv[1], 5))" "127.0.0.1:$PORT" > /dev/null 2>&1; then READY=1; break; fi
+  kill -0 "$SERVER" 2>/dev/null || break
+done
+if [[ -z "$READY" ]]; then
+  echo "server not ready after $((SECONDS - T0))s:"; tail -n 40 "$OUT/serve.log"; exit 1
+fi
+echo "=== model loaded and warmed up after $((SECONDS - T0))s"
 
-timeout "$((LOAD_LIMIT + BENCH_LIMIT))" $PY -m service.cli bench --server "127.0.0.1:$PORT" \
-  --wait "$LOAD_LIMIT" --concurrency "$LEVELS" --requests "$REQUESTS" --warmup "$WARMUP" \
+timeout "$BENCH_LIMIT" $PY -m service.cli bench --server "127.0.0.1:$PORT" \
+  --wait 30 --concurrency "$LEVELS" --requests "$REQUESTS" --warmup "$WARMUP" \
   --time-limit "$TIME_LIMIT" --json "$OUT/load.json" --plot "$OUT/load.png" \
   --record "$OUT/load.jsonl" --device-name "$DEVICE_NAME" --commit "$COMMIT" \
   2>&1 | tee "$OUT/bench.log"
