@@ -55,13 +55,16 @@ def _mxfp4_view(blocks: torch.Tensor, scales: torch.Tensor, name: str
     return blocks.contiguous().view(e, n, g * 16), scales.contiguous()
 
 
-def prepare_moe(layer: LayerWeights) -> MoEPrepared:
+def prepare_moe(layer: LayerWeights, check_scales: bool = True) -> MoEPrepared:
     """Called once at load. The checkpoint layout is already the one the kernels read fastest
-    (each output row's codes contiguous along K), so contiguous weights are only viewed."""
+    (each output row's codes contiguous along K), so contiguous weights are only viewed.
+    check_scales: one host sync to rule out weights the fp16 fast path cannot hold (|w| ≥ 2¹⁰);
+    without it (e.g. inside a CUDA graph capture) the fast path is assumed safe."""
     w1, s1 = _mxfp4_view(layer.mlp1_blocks, layer.mlp1_scales, "mlp1")
     w2, s2 = _mxfp4_view(layer.mlp2_blocks, layer.mlp2_scales, "mlp2")
-    # One host sync per layer, at load: weights of magnitude ≥ 2¹⁰ would overflow fp16.
-    fast_ok = max(int(s1.max()), int(s2.max())) <= FAST_MAX_SCALE if s1.numel() else True
+    fast_ok = True
+    if check_scales and s1.numel():
+        fast_ok = max(int(s1.max()), int(s2.max())) <= FAST_MAX_SCALE
     return MoEPrepared(
         w1=w1, s1=s1, b1=layer.mlp1_bias.float().contiguous(),
         w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(), fast_ok=fast_ok,
@@ -102,7 +105,10 @@ def moe_forward(
     """The MoE block's output [T, H] (before the residual add), in x's dtype."""
     if x.dim() != 2 or x.shape[1] != config.hidden_size:
         raise ValueError(f"moe_forward: x must be [T, {config.hidden_size}], got {tuple(x.shape)}")
-    p = prepared if prepared is not None else prepare_moe(layer)
+    if prepared is None:  # prepare at load instead: this views (and checks) the weights per call
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        prepared = prepare_moe(layer, check_scales=not capturing)
+    p = prepared
     k = config.experts_per_token
     cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
     x = x.contiguous()
