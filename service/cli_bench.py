@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 NAME = "bench"
+DEFAULT_RECORD = str(Path(__file__).resolve().parent.parent / "bench" / "results" / "load.jsonl")
 HELP = "Load-test a running server with concurrent streaming requests (ShareGPT-like lengths)."
 
 
@@ -54,9 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-token-file", help="file holding the server's bearer token")
     p.add_argument("--json", dest="json_out", help="write the full result JSON here")
     p.add_argument("--plot", help="write a PNG of latency and throughput against concurrency")
-    p.add_argument("--record", action="append", default=[], metavar="JSONL",
-                   help="append a `bench: load` line per level (e.g. bench/results/load.jsonl); "
-                        "repeatable")
+    p.add_argument("--record", action="append", nargs="?", const=DEFAULT_RECORD, default=[],
+                   metavar="JSONL",
+                   help="append a `bench: load` line per level to JSONL (default: the repository's "
+                        "bench/results/load.jsonl); repeatable")
     p.add_argument("--device-name", help="device for --record (default: GetModelInfo's device)")
     p.add_argument("--commit", help="commit for --record (default: git rev-parse HEAD)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
