@@ -167,7 +167,7 @@ def stages_us(cfg: ModelConfig, layers: list[LayerWeights], prepared: list, x: t
 
 
 def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: float,
-              device: str, out: list[Path]) -> list[str]:
+              device: str, out: list[Path], compare_tk: bool = False) -> list[str]:
     on = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if on == "cuda" else torch.float16  # the interpreter's bf16 dot is off
     if shape == "smoke":
@@ -176,6 +176,7 @@ def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: 
         cfg = ModelConfig(num_hidden_layers=LAYERS, num_experts=SHAPES[shape])
     layers = [random_layer(cfg, j, seed=1, device=on, dtype=dtype) for j in range(LAYERS)]
     prepared = [prepare_moe(la) for la in layers]
+    tk = prepare_triton_kernels(layers) if compare_tk else None
     lines = []
     for t in tokens_list:
         g = torch.Generator(on).manual_seed(t)
@@ -209,19 +210,65 @@ def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: 
                 + " ".join(f"{k}={v:.1f}" for k, v in stages.items()))
         print(line, flush=True)
         lines.append(line)
-        record = dict(
+        write(out, dict(
             bench="moe", tokens=t, shape=shape, device=device, us=round(us, 2),
             roofline_us=round(roof_us, 2), commit=commit(),
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             backend="triton", config=best, experts_hit=hit, tflops=round(tflops, 1),
             stages_us={k: round(v, 2) for k, v in stages.items()},
             sweep_us={k: round(v, 2) for k, v in results.items()},
-        )
-        for path in out:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        ))
+        if tk is not None:
+            lines += run_triton_kernels(shape, cfg, layers, tk, x, want, roof_us, flops, device,
+                                        out)
     return lines
+
+
+def write(out: list[Path], record: dict) -> None:
+    for path in out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def prepare_triton_kernels(layers: list[LayerWeights]) -> list | None:
+    """triton_kernels' weights for the comparison, or None (and why) when it cannot run."""
+    from kernels.moe_triton_kernels import available, prepare_moe_tk
+
+    ok, why = available()
+    if not ok:
+        print(f"  triton_kernels unavailable: {why}")
+        return None
+    try:
+        return [prepare_moe_tk(la) for la in layers]
+    except Exception as exc:  # noqa: BLE001 - its API moves between versions
+        print(f"  triton_kernels: preparing weights failed: {type(exc).__name__}: {exc}"[:300])
+        return None
+
+
+def run_triton_kernels(shape: str, cfg: ModelConfig, layers: list[LayerWeights], tk: list,
+                       x: torch.Tensor, want: torch.Tensor, roof_us: float, flops: int,
+                       device: str, out: list[Path]) -> list[str]:
+    from kernels.moe_triton_kernels import moe_forward_tk
+
+    t = x.shape[0]
+    try:
+        got = moe_forward_tk(x, layers[0], cfg, tk[0])
+        err = float((got.float() - want).norm() / want.norm())
+        us = timed(lambda j: moe_forward_tk(x, layers[j % LAYERS], cfg, tk[j % LAYERS]), t)
+    except Exception as exc:  # noqa: BLE001 - report, keep benchmarking our own kernels
+        print(f"  triton_kernels T={t}: failed: {type(exc).__name__}: {exc}"[:300])
+        return []
+    line = (f"{shape:>5} {t:>5} {us:9.1f} {roof_us:9.1f} {100 * roof_us / us:6.1f}% "
+            f"{flops / (us * 1e-6) / 1e12:7.1f}       triton_kernels (rel. error {err:.1e})")
+    print(line, flush=True)
+    write(out, dict(
+        bench="moe", tokens=t, shape=shape, device=device, us=round(us, 2),
+        roofline_us=round(roof_us, 2), commit=commit(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        backend="triton_kernels", rel_error=err,
+    ))
+    return [line]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", default="1,8,64,256,4096")
     ap.add_argument("--sweep", action="store_true", help="try every candidate tile config")
     ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    ap.add_argument("--triton-kernels", action="store_true",
+                    help="also time triton_kernels' matmul_ogs MoE (kernels/moe_triton_kernels)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, toy shape, interpreted kernels, results only to --out (tests)")
     args = ap.parse_args(argv)
@@ -249,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
     for shape in args.shapes.split(","):
         lines += run_shape(shape, [int(t) for t in args.tokens.split(",")], args.sweep, bw,
-                           rate, device, out)
+                           rate, device, out, args.triton_kernels)
     print("\n== MoE layer summary ==")
     print(header)
     print("\n".join(lines))

@@ -84,3 +84,20 @@ def test_every_candidate_config_matches_the_reference(name: str, tokens: int, la
     )
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, f"{name}: relative error {err:.2e}"
+
+
+def test_triton_kernels_backend_matches_the_reference_when_installed(layer_20b) -> None:  # noqa: ANN001
+    from kernels.moe_triton_kernels import available, moe_forward_tk, prepare_moe_tk
+
+    ok, why = available()
+    if not ok:
+        pytest.skip(f"triton_kernels not importable ({why})")
+    x = torch.randn(37, CFG_20B.hidden_size, device="cuda", dtype=torch.bfloat16)
+    got = moe_forward_tk(x, layer_20b, CFG_20B, prepare_moe_tk(layer_20b))
+    plan = route(router_logits(x, layer_20b), 4, 16)
+    want = experts_ref(
+        x, plan.weights, plan.experts.long(), layer_20b.mlp1_blocks, layer_20b.mlp1_scales,
+        layer_20b.mlp1_bias, layer_20b.mlp2_blocks, layer_20b.mlp2_scales, layer_20b.mlp2_bias,
+    )
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 2e-2, f"relative error {err:.2e}"
