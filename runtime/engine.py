@@ -79,12 +79,15 @@ class Engine:
         dtype = DTYPES[config.dtype]
         t0 = time.perf_counter()
         if weights is not None:
+            source = f"given weights ({weights.config.name})"
             weights = weights.to(self.device, dtype)
             model_config = weights.config
             self.tokenizer = tokenizer or Tokenizer.byte_level(model_config.vocab_size)
         elif config.model is None:
+            source = "built-in tiny (random weights)"
             model_config, weights, self.tokenizer = builtin_tiny(device=self.device, dtype=dtype)
         else:
+            source = config.model
             weights = load_checkpoint(config.model, device=self.device, dtype=dtype)
             model_config = weights.config
             found = load_tokenizer(config.model)
@@ -105,7 +108,7 @@ class Engine:
         log.info(
             "engine ready: model=%s device=%s dtype=%s slots=%d context=%d kv_cache=%.1f MiB "
             "kernels=%s load=%.2fs",
-            config.model or "built-in tiny (random weights)", self.device, config.dtype,
+            source, self.device, config.dtype,
             self.max_slots, self.max_context, self.cache.nbytes() / 2**20, self.model.ops.name,
             time.perf_counter() - t0,
         )
