@@ -116,7 +116,7 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                 stride_sn=INTER // 32, stride_be=HID, RW="*fp32", stride_split=4096 * HID,
                 stride_o=HID, N=HID, K=INTER, SPLIT_K=t.split_k,
                 OUT="*fp32" if t.split_k > 1 else "*bf16", POS="*i32", NUM_TILES="*i32",
-                COUNTERS="*i32", FINAL="*bf16", stride_f=HID, T=7, FUSE_COMBINE=mc.fuse_combine,
+                COUNTERS="*i32", FINAL="*bf16", stride_f=HID, T=7, ROWS=28, FUSE_COMBINE=mc.fuse_combine,
                 TOPK=K_TOP, COMBINE_T=8), t
 
 

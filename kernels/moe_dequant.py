@@ -58,18 +58,22 @@ def _fp4_f32(c):
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-def _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """exact: rows at byte offsets w_row/s_row [BN], k0 … k0+BLOCK_K → (even k, odd k) values,
-    each [BN, BLOCK_K/2] in DTYPE."""
+def _w_tile(W, S, w_row, s_row, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
+            MASK_K: tl.constexpr):
+    """exact: rows at byte offsets w_row/s_row [BN] (all valid), k0 … k0+BLOCK_K (masked at K
+    only with MASK_K) → (even k, odd k) values, each [BN, BLOCK_K/2] in DTYPE."""
     G: tl.constexpr = BLOCK_K // 32
     g = tl.arange(0, G)
     b = tl.arange(0, 16)
-    kmask = (k0 + g * 32) < K  # [G]
-    m3 = nmask[:, None, None] & kmask[None, :, None]
     cptr = W + w_row[:, None, None] + (k0 // 2 + g * 16)[None, :, None] + b[None, None, :]
-    codes = tl.load(cptr, mask=m3, other=0).to(tl.int32)  # [BN, G, 16]
-    sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
-                 mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    sptr = S + s_row[:, None] + (k0 // 32 + g)[None, :]
+    if MASK_K:
+        kmask = (k0 + g * 32) < K  # [G]
+        codes = tl.load(cptr, mask=kmask[None, :, None], other=0).to(tl.int32)  # [BN, G, 16]
+        sc = tl.load(sptr, mask=kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    else:
+        codes = tl.load(cptr).to(tl.int32)
+        sc = tl.load(sptr).to(tl.int32)
     scale = ((tl.minimum(sc, 240) + 14) << 23).to(tl.float32, bitcast=True)[:, :, None]
     lo = (_fp4_f32(codes & 15) * scale).to(DTYPE)
     hi = (_fp4_f32(codes >> 4) * scale).to(DTYPE)
@@ -77,12 +81,15 @@ def _w_tile(W, S, w_row, s_row, nmask, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.c
     return tl.reshape(lo, (bn, BLOCK_K // 2)), tl.reshape(hi, (bn, BLOCK_K // 2))
 
 
-def _a_tile(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
-    """exact: activation rows at element offsets a_row [BM] → (even k, odd k) [BM, BLOCK_K/2]."""
+def _a_tile(A, a_row, k0, K, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """exact: activation rows at element offsets a_row [BM] (all valid) → (even k, odd k)
+    [BM, BLOCK_K/2]."""
     k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    m = amask[:, None] & (k < K)[None, :]
     ptr = A + a_row[:, None] + k[None, :]
-    return tl.load(ptr, mask=m, other=0.0), tl.load(ptr + 1, mask=m, other=0.0)
+    if MASK_K:
+        m = (k < K)[None, :]
+        return tl.load(ptr, mask=m, other=0.0), tl.load(ptr + 1, mask=m, other=0.0)
+    return tl.load(ptr), tl.load(ptr + 1)
 
 
 def _e2m1_x4_emulated(codes):
@@ -91,19 +98,25 @@ def _e2m1_x4_emulated(codes):
     return (_fp4_f32(c & 15) * 256.0).to(tl.float16), (_fp4_f32(c >> 4) * 256.0).to(tl.float16)
 
 
-def _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K: tl.constexpr,
-                 EMULATE: tl.constexpr):
+def _w_tile_fast(W, S, w_row, s_row, k0, K, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
+                 MASK_K: tl.constexpr):
     """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights; in each
     32-group column c = 16h + 8a₁ + 2t + a₀ holds k = 8t + 2a + h (byte 4t + a, a = 2a₁ + a₀)."""
     G: tl.constexpr = BLOCK_K // 32
     BN: tl.constexpr = w_row.shape[0]
     g = tl.arange(0, G)
     q = tl.arange(0, 4)
-    kmask = (k0 + g * 32) < K  # [G]
     off = (k0 // 2 + g * 16)[None, :, None, None] + (4 * q)[None, None, :, None] \
         + q[None, None, None, :]
-    m4 = nmask[:, None, None, None] & kmask[None, :, None, None]
-    codes = tl.load(W + w_row[:, None, None, None] + off, mask=m4, other=0)  # [BN, G, 4t, 4a]
+    cptr = W + w_row[:, None, None, None] + off
+    sptr = S + s_row[:, None] + (k0 // 32 + g)[None, :]
+    if MASK_K:
+        kmask = (k0 + g * 32) < K  # [G]
+        codes = tl.load(cptr, mask=kmask[None, :, None, None], other=0)  # [BN, G, 4t, 4a]
+        sc = tl.load(sptr, mask=kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    else:
+        codes = tl.load(cptr)
+        sc = tl.load(sptr).to(tl.int32)
     if EMULATE:
         lo, hi = _e2m1_x4_emulated(codes)
     else:
@@ -113,19 +126,21 @@ def _w_tile_fast(W, S, w_row, s_row, nmask, k0, K, BLOCK_K: tl.constexpr,
         )
     v = tl.reshape(tl.join(lo, hi), (BN, G, 4, 2, 2, 2))  # [BN, G, t, a₁, a₀, h]
     v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # [BN, G, h, a₁, t, a₀]
-    sc = tl.load(S + s_row[:, None] + (k0 // 32 + g)[None, :],
-                 mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
     sc = ((tl.maximum(sc, 106) - 106) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(s−121)
     return tl.reshape(v * sc[:, :, None], (BN, BLOCK_K))
 
 
-def _a_tile_fast(A, a_row, amask, k0, K, BLOCK_K: tl.constexpr):
-    """fast: activation rows [BM] → [BM, BLOCK_K] fp16, columns permuted as _w_tile_fast's."""
+def _a_tile_fast(A, a_row, k0, K, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """fast: activation rows [BM] (all valid) → [BM, BLOCK_K] fp16, columns permuted as
+    _w_tile_fast's."""
     G: tl.constexpr = BLOCK_K // 32
     BM: tl.constexpr = a_row.shape[0]
     k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(A + a_row[:, None] + k[None, :], mask=amask[:, None] & (k < K)[None, :],
-                other=0.0).to(tl.float16)
+    if MASK_K:
+        x = tl.load(A + a_row[:, None] + k[None, :], mask=(k < K)[None, :], other=0.0)
+    else:
+        x = tl.load(A + a_row[:, None] + k[None, :])
+    x = x.to(tl.float16)
     x = tl.reshape(x, (BM, G, 4, 2, 2, 2))  # k = 8t + 4a₁ + 2a₀ + h: [BM, G, t, a₁, a₀, h]
     return tl.reshape(tl.permute(x, (0, 1, 5, 3, 2, 4)), (BM, BLOCK_K))
 

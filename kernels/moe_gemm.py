@@ -150,7 +150,7 @@ def gemm2_scale(
         act, act.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b,
         b.stride(0), plan.weights, plan.sorted_pair, plan.tile_expert, plan.tile_start,
         plan.tile_end, out, out.stride(0), out.stride(1), h, inter, plan.max_tiles,
-        plan.pos, plan.num_tiles, cnt, final, final.stride(-2), rows // top_k,
+        plan.pos, plan.num_tiles, cnt, final, final.stride(-2), rows // top_k, rows,
         BLOCK_M=plan.block_m, SPLIT_K=split, FUSE_COMBINE=fuse, TOPK=top_k,
         COMBINE_T=min(16, triton.next_power_of_2(max(1, rows // top_k))),
         **_launch_args(tiles, act.dtype, fast, act.device, pdl),

@@ -90,20 +90,35 @@ def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
 
 
 @jit
-def _mainloop(A, a_row, amask, W, S, w_row, s_row, nmask, k_lo, k_hi, acc,
+def _k_step(A, a_row, W, S, w_row, s_row, k0, k_hi, acc, A_DTYPE: tl.constexpr,
+            BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
+            FAST: tl.constexpr, EMULATE: tl.constexpr, MASK_K: tl.constexpr):
+    if FAST:
+        xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
+        w = _w_tile_fast(W, S, w_row, s_row, k0, k_hi, BLOCK_K, EMULATE, MASK_K)
+        acc = _mma1(xa, w, acc, SWAP_AB)
+    else:
+        ae, ao = _a_tile(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
+        w_lo, w_hi = _w_tile(W, S, w_row, s_row, k0, k_hi, A_DTYPE, BLOCK_K, MASK_K)
+        acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
+        acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
+    return acc
+
+
+@jit
+def _mainloop(A, a_row, W, S, w_row, s_row, k_lo, k_hi, acc,
               A_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
-    """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB)."""
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if FAST:
-            xa = _a_tile_fast(A, a_row, amask, k0, k_hi, BLOCK_K)
-            w = _w_tile_fast(W, S, w_row, s_row, nmask, k0, k_hi, BLOCK_K, EMULATE)
-            acc = _mma1(xa, w, acc, SWAP_AB)
-        else:
-            ae, ao = _a_tile(A, a_row, amask, k0, k_hi, BLOCK_K)
-            w_lo, w_hi = _w_tile(W, S, w_row, s_row, nmask, k0, k_hi, A_DTYPE, BLOCK_K)
-            acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
-            acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
+    """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB). Rows
+    are all in bounds (callers clamp them and mask the stores): the whole K blocks load without
+    any mask; only a last partial block masks at k_hi."""
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc = _k_step(A, a_row, W, S, w_row, s_row, k0, k_hi, acc, A_DTYPE, BLOCK_K, SWAP_AB,
+                      IEEE, FAST, EMULATE, False)
+    if k_full < k_hi:
+        acc = _k_step(A, a_row, W, S, w_row, s_row, k_full, k_hi, acc, A_DTYPE, BLOCK_K,
+                      SWAP_AB, IEEE, FAST, EMULATE, True)
     return acc
 
 
@@ -132,17 +147,18 @@ def _gemm1_swiglu_kernel(
     e, rows, rmask = _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M)
     if e < 0:
         return
-    tok = tl.load(SORTED + rows, mask=rmask, other=0) // TOPK
+    tok = tl.load(SORTED + rows, mask=rmask, other=0) // TOPK  # rows past the tile: token 0
     n2 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     e64 = e.to(tl.int64)
-    w_row = e64 * stride_we + n2.to(tl.int64) * stride_wn
-    s_row = e64 * stride_se + n2.to(tl.int64) * stride_sn
+    n2c = tl.minimum(n2, N2 - 1).to(tl.int64)  # rows past N2 re-read the last one, never stored
+    w_row = e64 * stride_we + n2c * stride_wn
+    s_row = e64 * stride_se + n2c * stride_sn
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _mainloop(X, tok.to(tl.int64) * stride_x, rmask, W, S, w_row, s_row, n2 < N2, 0, K,
-                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
+    acc = _mainloop(X, tok.to(tl.int64) * stride_x, W, S, w_row, s_row, 0, K, acc, DTYPE,
+                    BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
     bias = tl.load(B + e64 * stride_be + n2, mask=n2 < N2, other=0.0)
     n = pid_n * HALF + tl.arange(0, HALF)  # swiglu outputs
     if SWAP_AB:
@@ -183,7 +199,7 @@ def _combine_rows(Y, stride_split, stride_y, POS, OUT, stride_o, t0, T, n, nmask
 def _gemm2_scale_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be, RW,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_split, stride_o, N, K, MAX_TILES,
-    POS, NUM_TILES, COUNTERS, FINAL, stride_f, T,
+    POS, NUM_TILES, COUNTERS, FINAL, stride_f, T, ROWS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT_K: tl.constexpr, FUSE_COMBINE: tl.constexpr,
@@ -205,17 +221,18 @@ def _gemm2_scale_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     e64 = e.to(tl.int64)
-    w_row = e64 * stride_we + n.to(tl.int64) * stride_wn
-    s_row = e64 * stride_se + n.to(tl.int64) * stride_sn
+    nc = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read the last one, never stored
+    w_row = e64 * stride_we + nc * stride_wn
+    s_row = e64 * stride_se + nc * stride_sn
     k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = split * k_len
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _mainloop(A, rows.to(tl.int64) * stride_a, rmask, W, S, w_row, s_row, nmask, k_lo,
-                    tl.minimum(k_lo + k_len, K), acc, A.dtype.element_ty, BLOCK_K, SWAP_AB,
-                    IEEE, FAST, EMULATE)
+    a_row = tl.minimum(rows, ROWS - 1).to(tl.int64) * stride_a  # in bounds; stores are masked
+    acc = _mainloop(A, a_row, W, S, w_row, s_row, k_lo, tl.minimum(k_lo + k_len, K), acc,
+                    A.dtype.element_ty, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]

@@ -2,10 +2,9 @@
 
 Floats map to uint32 keys in the same order (`order_key`: flip all bits of negatives, set the sign
 bit of the rest; −0 is first folded into +0 so equal values share a key). A threshold is then found
-digit by digit from the most significant end, as in radix select: pass j builds a histogram of the
-next digit over the elements whose higher digits equal the prefix found so far, weighted by 1
-(counts: the k-th largest) or by a mass (top-p). `radix_prefix` replays the histograms of the
-passes done so far and returns the prefix and the weight strictly above it:
+digit by digit from the most significant end, as in radix select: each pass builds a histogram of
+the next digit over the elements whose higher digits equal the prefix found so far, weighted by 1
+(counts: the k-th largest) or by a mass (top-p), and `select_bin` picks the digit:
 
     bin b = the largest digit with  above + Σ_{d ≥ b} hist[d] ≥ target
     prefix |= b << shift;  above += Σ_{d > b} hist[d]
@@ -41,32 +40,18 @@ def select_bin(h, above, target, NB: tl.constexpr):
     return b, above + gt
 
 
-def radix_prefix(H, target, NPASS: tl.constexpr, BITS: tl.constexpr):
-    """Replays passes 0 … NPASS−1 of histograms H[pass, 2^BITS]; returns (prefix uint32, above).
-
-    The prefix holds the digits of those passes in its top NPASS·BITS bits (zeros below)."""
-    NB: tl.constexpr = 1 << BITS
-    prefix = tl.full([], 0, tl.uint32)
-    above = tl.sum(tl.zeros([NB], H.dtype.element_ty), axis=0)
-    for j in tl.static_range(NPASS):
-        h = tl.load(H + j * NB + tl.arange(0, NB))
-        b, above = select_bin(h, above, target, NB)
-        prefix = prefix | (b.to(tl.uint32) << (32 - BITS * (j + 1)))
-    return prefix, above
+def digit(key, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """The BITS-bit digit of each key starting at bit SHIFT."""
+    return ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
 
 
-def prefix_match(key, prefix, NPASS: tl.constexpr, BITS: tl.constexpr):
-    """Whether each key's top NPASS·BITS bits equal the prefix's."""
-    if NPASS == 0:  # noqa: SIM108 - a constexpr branch (no shift by 32)
+def under_prefix(key, prefix, HI: tl.constexpr):
+    """Whether each key's bits from HI up equal the prefix's (HI = 32: every key)."""
+    if HI >= 32:  # noqa: SIM108 - a constexpr branch (no shift by 32)
         match = key == key
     else:
-        match = (key >> (32 - BITS * NPASS)) == (prefix >> (32 - BITS * NPASS))
+        match = (key >> HI) == (prefix >> HI)
     return match
 
 
-def digit_of(key, NPASS: tl.constexpr, BITS: tl.constexpr):
-    """The digit that pass NPASS histograms."""
-    return ((key >> (32 - BITS * (NPASS + 1))) & ((1 << BITS) - 1)).to(tl.int32)
-
-
-HELPERS = (order_key, select_bin, radix_prefix, prefix_match, digit_of)
+HELPERS = (order_key, select_bin, digit, under_prefix)
