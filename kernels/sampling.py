@@ -36,14 +36,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
-from kernels.jit import KernelSet
-from kernels.radix_select import HELPERS, digit_of, order_key, prefix_match, radix_prefix
-
-jit = KernelSet(globals())
-for _helper in HELPERS:
-    jit(_helper)
+import kernels.sampling_kernels as K
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -173,174 +167,9 @@ def sample_ref(
     return SampleOutput(tokens, chosen, top_ids, top_lp)
 
 
-# ---- Triton --------------------------------------------------------------------------------------
-BLOCK_V = 4096  # tokens per program
-K_BITS, K_PASSES = 8, 4  # top-k radix: 4 × 8-bit digits (counts, tl.histogram)
-P_BITS, P_PASSES = 4, 8  # top-p radix: 8 × 4-bit digits (masses, compare-and-sum)
-SUB = 256  # top-p pass: tokens per compare-and-sum step
-
-
-@jit
-def _fmix32(h):
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@jit
-def _gumbel(SEED, POSN, b, tok):
-    s = tl.load(SEED + b).to(tl.int64)
-    p = tl.load(POSN + b).to(tl.int64)
-    key = _fmix32((s & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
-    key = _fmix32(key ^ ((s >> 32) & 0xFFFFFFFF).to(tl.uint32))
-    key = _fmix32(key ^ (p & 0xFFFFFFFF).to(tl.uint32))
-    r = _fmix32(_fmix32(key ^ tok.to(tl.uint32)))
-    u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    return -tl.log(-tl.log(u))
-
-
-@jit
-def _row(b, TEMP, TOPK, TOPP, V):
-    """(temperature used, greedy, k, top-k on, top_p, top-p on) of row b."""
-    temp = tl.load(TEMP + b)
-    k = tl.minimum(tl.maximum(tl.load(TOPK + b).to(tl.int64), 0), V).to(tl.int32)
-    greedy = (temp <= 0) | (k == 1)
-    t = tl.where(greedy, 1.0, temp)
-    tp = tl.load(TOPP + b)
-    return t, greedy, k, (~greedy) & (k > 0) & (k < V), tp, (~greedy) & (tp < 1.0)
-
-
-@jit
-def _row_max(ST_MAX, b, t, NC, NC_P: tl.constexpr):
-    c = tl.arange(0, NC_P)
-    mx = tl.load(ST_MAX + b * NC + c, mask=c < NC, other=float("-inf"))
-    return tl.div_rn(tl.max(mx, axis=0), t)  # max(ℓ)/t = max(ℓ/t): rounding is monotone
-
-
-@jit
-def _stats_kernel(
-    L, R, ST_MAX, ST_ARG, ST_RMAX, ST_RSUM, sl_b, sr_b, V, NC, BLOCK: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < V
-    x = tl.load(L + b * sl_b + offs, mask=mask, other=float("-inf"))
-    mx = tl.max(x, axis=0)
-    arg = tl.min(tl.where(x == mx, offs, 2147483647), axis=0)  # first maximum
-    r = tl.load(R + b * sr_b + offs, mask=mask, other=float("-inf"))
-    rm = tl.max(r, axis=0)
-    rs = tl.sum(tl.exp(r - rm), axis=0)
-    tl.store(ST_MAX + b * NC + c, mx)
-    tl.store(ST_ARG + b * NC + c, arg)
-    tl.store(ST_RMAX + b * NC + c, rm)
-    tl.store(ST_RSUM + b * NC + c, rs)
-
-
-@jit
-def _topk_pass_kernel(
-    L, HK, TEMP, TOPK, TOPP, sl_b, V, PASS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    t, greedy, k, topk_on, tp, topp_on = _row(b, TEMP, TOPK, TOPP, V)
-    if topk_on:
-        hk = HK + b * (4 * 256)
-        prefix, above = radix_prefix(hk, k, PASS, 8)
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < V
-        z = tl.div_rn(tl.load(L + b * sl_b + offs, mask=mask, other=0.0), t)
-        key = order_key(z)
-        match = prefix_match(key, prefix, PASS, 8) & mask
-        h = tl.histogram(digit_of(key, PASS, 8), 256, mask=match)
-        bins = tl.arange(0, 256)
-        tl.atomic_add(hk + PASS * 256 + bins, h, mask=h > 0)
-
-
-@jit
-def _topp_pass_kernel(
-    L, ST_MAX, HK, HP, TEMP, TOPK, TOPP, sl_b, V, NC,
-    PASS: tl.constexpr, BLOCK: tl.constexpr, NC_P: tl.constexpr, SUBB: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    t, greedy, k, topk_on, tp, topp_on = _row(b, TEMP, TOPK, TOPP, V)
-    if topp_on:
-        m = _row_max(ST_MAX, b, t, NC, NC_P)
-        kth, _ = radix_prefix(HK + b * (4 * 256), k, 4, 8)
-        kth = tl.where(topk_on, kth, 0)
-        hp = HP + b * (8 * 16)
-        total = tl.sum(tl.load(hp + tl.arange(0, 16)), axis=0)  # Σ kept w (pass 0's histogram)
-        prefix, above = radix_prefix(hp, tp * total, PASS, 4)
-        bins = tl.arange(0, 16)
-        acc = tl.zeros([16], tl.float32)
-        for s0 in range(0, BLOCK, SUBB):
-            offs = c * BLOCK + s0 + tl.arange(0, SUBB)
-            mask = offs < V
-            z = tl.div_rn(tl.load(L + b * sl_b + offs, mask=mask, other=0.0), t)
-            key = order_key(z)
-            use = mask & (key >= kth) & prefix_match(key, prefix, PASS, 4)
-            w = tl.where(use, tl.exp(z - m), 0.0)
-            d = digit_of(key, PASS, 4)
-            acc += tl.sum(tl.where(d[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
-        tl.atomic_add(hp + PASS * 16 + bins, acc, mask=acc > 0)
-
-
-@jit
-def _sample_kernel(
-    L, ST_MAX, HK, HP, TEMP, TOPK, TOPP, MINP, SEED, POSN, PV, PI, sl_b, V, NC,
-    BLOCK: tl.constexpr, NC_P: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    t, greedy, k, topk_on, tp, topp_on = _row(b, TEMP, TOPK, TOPP, V)
-    if greedy == 0:
-        m = _row_max(ST_MAX, b, t, NC, NC_P)
-        kth, _ = radix_prefix(HK + b * (4 * 256), k, 4, 8)
-        hp = HP + b * (8 * 16)
-        total = tl.sum(tl.load(hp + tl.arange(0, 16)), axis=0)
-        tau, _ = radix_prefix(hp, tp * total, 8, 4)
-        thr = tl.maximum(tl.where(topk_on, kth, 0), tl.where(topp_on, tau, 0))
-        min_p = tl.load(MINP + b)
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < V
-        z = tl.div_rn(tl.load(L + b * sl_b + offs, mask=mask, other=0.0), t)
-        keep = mask & (order_key(z) >= thr) & (tl.exp(z - m) >= min_p)
-        noisy = tl.where(keep, z + _gumbel(SEED, POSN, b, offs), float("-inf"))
-        best = tl.max(noisy, axis=0)
-        idx = tl.min(tl.where(noisy == best, offs, 2147483647), axis=0)
-        tl.store(PV + b * NC + c, best)
-        tl.store(PI + b * NC + c, idx)
-
-
-@jit
-def _finish_kernel(
-    R, ST_MAX, ST_ARG, ST_RMAX, ST_RSUM, PV, PI, TEMP, TOPK, TOPP, TOK, LP, LSE, sr_b, V, NC,
-    NC_P: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    t, greedy, k, topk_on, tp, topp_on = _row(b, TEMP, TOPK, TOPP, V)
-    c = tl.arange(0, NC_P)
-    cm = c < NC
-    gm = tl.load(ST_MAX + b * NC + c, mask=cm, other=float("-inf"))
-    garg = tl.load(ST_ARG + b * NC + c, mask=cm, other=2147483647)
-    gtok = tl.min(tl.where(gm == tl.max(gm, axis=0), garg, 2147483647), axis=0)
-    if greedy:
-        tok = gtok
-    else:
-        pv = tl.load(PV + b * NC + c, mask=cm, other=float("-inf"))
-        pi = tl.load(PI + b * NC + c, mask=cm, other=2147483647)
-        tok = tl.min(tl.where(pv == tl.max(pv, axis=0), pi, 2147483647), axis=0)
-    tok = tl.minimum(tok, V - 1)  # all −inf rows (cannot happen with finite logits) stay in range
-    rm = tl.load(ST_RMAX + b * NC + c, mask=cm, other=float("-inf"))
-    rs = tl.load(ST_RSUM + b * NC + c, mask=cm, other=0.0)
-    top = tl.max(rm, axis=0)
-    lse = top + tl.log(tl.sum(rs * tl.exp(rm - top), axis=0))
-    tl.store(TOK + b, tok.to(tl.int64))
-    tl.store(LP + b, tl.load(R + b * sr_b + tok) - lse)
-    tl.store(LSE + b, lse)
+# ---- Triton (kernels in kernels/sampling_kernels.py) ---------------------------------------------
+BLOCK_V = 2048  # tokens per program: 99 programs per row at V = 201088
+SUB = 512  # tokens per step inside a program (sub-blocks with no candidate skip their work)
 
 
 def _check_rows(name: str, x: torch.Tensor, rows: int, device: torch.device, floating: bool) -> None:
@@ -390,38 +219,44 @@ def sample(
         return SampleOutput(tokens, chosen, empty.long(), empty)
     temperature, top_p, min_p = (x.float().contiguous() for x in (temperature, top_p, min_p))
     top_k, seeds, positions = (x.contiguous() for x in (top_k, seeds, positions))
-    nc = triton.cdiv(vocab, BLOCK_V)
+    block = BLOCK_V
+    nc = triton.cdiv(vocab, block)
     nc_p = triton.next_power_of_2(nc)
     f32 = {"dtype": torch.float32, "device": dev}
-    st_max, st_rmax, st_rsum, pv = (torch.empty((bsz, nc), **f32) for _ in range(4))
-    st_arg = torch.empty((bsz, nc), dtype=torch.int32, device=dev)
-    pi = torch.empty((bsz, nc), dtype=torch.int32, device=dev)
-    hk = torch.zeros((bsz, K_PASSES, 1 << K_BITS), dtype=torch.int32, device=dev)
-    hp = torch.zeros((bsz, P_PASSES, 1 << P_BITS), **f32)
-    lse = torch.empty(bsz, **f32)
+    i32 = {"dtype": torch.int32, "device": dev}
+    pm, prm, prs, pv = (torch.empty((bsz, nc), **f32) for _ in range(4))
+    pa, pi = (torch.empty((bsz, nc), **i32) for _ in range(2))
+    rsf = torch.empty((bsz, 4), **f32)  # max z, logsumexp, top-p target, top-p mass above
+    rsi = torch.empty((bsz, 4), **i32)  # top-k prefix, count above, top-p prefix
+    # one memset: top-k counts, top-p masses (0 bits = 0.0), per-row completion counters
+    work = torch.zeros(bsz * (2 * K.HIST + K.NSLOT), **i32)
+    hk = work[: bsz * K.HIST]
+    hp = work[bsz * K.HIST : 2 * bsz * K.HIST].view(torch.float32)
+    cnt = work[2 * bsz * K.HIST :]
+    rows = (temperature, top_k, top_p, min_p)
     grid = (bsz, nc)
-    jit["_stats_kernel"][grid](
-        logits, raw, st_max, st_arg, st_rmax, st_rsum, logits.stride(0), raw.stride(0), vocab, nc,
-        BLOCK=BLOCK_V, num_warps=8,
+    sl, sr = logits.stride(0), raw.stride(0)
+    K.jit["_stats_kernel"][grid](
+        logits, raw, pm, pa, prm, prs, pv, pi, hk, cnt, rsf, rsi, *rows, seeds, positions,
+        tokens, chosen, sl, sr, vocab, nc, BLOCK=block, NC_P=nc_p, num_warps=8,
     )
-    for p in range(K_PASSES):
-        jit["_topk_pass_kernel"][grid](
-            logits, hk, temperature, top_k, top_p, logits.stride(0), vocab,
-            PASS=p, BLOCK=BLOCK_V, num_warps=8,
+    sub = min(SUB, block)
+    for p, (shift, bits, off) in enumerate(K.PASSES[1:]):
+        K.jit["_topk_pass_kernel"][grid](
+            logits, hk, cnt, rsi, *rows, sl, vocab, nc, SHIFT=shift, BITS=bits, OFF=off,
+            SLOT=K.SLOT_TOPK + p, BLOCK=block, SUBB=sub, num_warps=8,
         )
-    for p in range(P_PASSES):
-        jit["_topp_pass_kernel"][grid](
-            logits, st_max, hk, hp, temperature, top_k, top_p, logits.stride(0), vocab, nc,
-            PASS=p, BLOCK=BLOCK_V, NC_P=nc_p, SUBB=SUB, num_warps=4,
+    for p, (shift, bits, off) in enumerate(K.PASSES):
+        K.jit["_topp_pass_kernel"][grid](
+            logits, hp, cnt, rsf, rsi, *rows, sl, vocab, nc, SHIFT=shift, BITS=bits, OFF=off,
+            SLOT=K.SLOT_TOPP + p, BLOCK=block, SUBB=min(sub, 256) if p == 0 else sub,
+            num_warps=8,
         )
-    jit["_sample_kernel"][grid](
-        logits, st_max, hk, hp, temperature, top_k, top_p, min_p, seeds, positions, pv, pi,
-        logits.stride(0), vocab, nc, BLOCK=BLOCK_V, NC_P=nc_p, num_warps=8,
+    K.jit["_draw_kernel"][grid](
+        logits, raw, pv, pi, cnt, rsf, rsi, *rows, seeds, positions, tokens, chosen, sl, sr,
+        vocab, nc, BLOCK=block, SUBB=sub, NC_P=nc_p, num_warps=8,
     )
-    jit["_finish_kernel"][(bsz,)](
-        raw, st_max, st_arg, st_rmax, st_rsum, pv, pi, temperature, top_k, top_p,
-        tokens, chosen, lse, raw.stride(0), vocab, nc, NC_P=nc_p, num_warps=1,
-    )
+    lse = rsf[:, 1]
     if n_top:
         top_raw, top_ids = torch.topk(raw, n_top, dim=-1)
         top_lp = top_raw - lse[:, None]
