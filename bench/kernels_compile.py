@@ -110,24 +110,25 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
                 skc_s=4096 * 512, skc_c=512, skc_h=64, svc_s=4096 * 512, svc_c=512, svc_h=64,
                 so_t=4096, so_h=64, CAP=4096, qk_scale=0.18, WINDOW=c(window), G=c(8), G_P=c(8),
                 BLOCK_T=c(16), D=c(64), BLOCK_N=c(block_n), PRECISION=c(None)), warps, stages))
-    v, nc = 201088, 50
-    common = dict(L=f32, TEMP=f32, TOPK=i64, TOPP=f32, sl_b=v, V=v)
-    out.append(("sample stats", samp, "_stats_kernel", dict(
-        L=f32, R=f32, ST_MAX=f32, ST_ARG=i32, ST_RMAX=f32, ST_RSUM=f32, sl_b=v, sr_b=v, V=v,
-        NC=nc, BLOCK=c(4096)), 8, 1))
-    for p in (0, 3):
-        out.append((f"sample topk pass {p}", samp, "_topk_pass_kernel", dict(
-            **common, HK=i32, PASS=c(p), BLOCK=c(4096)), 8, 1))
-    for p in (0, 7):
-        out.append((f"sample topp pass {p}", samp, "_topp_pass_kernel", dict(
-            **common, ST_MAX=f32, HK=i32, HP=f32, NC=nc, PASS=c(p), BLOCK=c(4096), NC_P=c(64),
-            SUBB=c(256)), 4, 1))
-    out.append(("sample draw", samp, "_sample_kernel", dict(
-        **common, ST_MAX=f32, HK=i32, HP=f32, MINP=f32, SEED=i64, POSN=i64, PV=f32, PI=i32,
-        NC=nc, BLOCK=c(4096), NC_P=c(64)), 8, 1))
-    out.append(("sample finish", samp, "_finish_kernel", dict(
-        R=f32, ST_MAX=f32, ST_ARG=i32, ST_RMAX=f32, ST_RSUM=f32, PV=f32, PI=i32, TEMP=f32,
-        TOPK=i64, TOPP=f32, TOK=i64, LP=f32, LSE=f32, sr_b=v, V=v, NC=nc, NC_P=c(64)), 1, 1))
+    v, nc = 201088, 99  # 2048-token chunks
+    rows = dict(TEMP=f32, TOPK=i64, TOPP=f32, MINP=f32)
+    out.append(("sample stats", samp.K, "_stats_kernel", dict(
+        L=f32, R=f32, PM=f32, PA=i32, PRM=f32, PRS=f32, PV=f32, PI=i32, HK=i32, CNT=i32, RSF=f32,
+        RSI=i32, **rows, SEED=i64, POSN=i64, TOK=i64, LP=f32, sl_b=v, sr_b=v, V=v, NC=nc,
+        BLOCK=c(2048), NC_P=c(128)), 8, 1))
+    for p, (shift, bits, off) in enumerate(samp.K.PASSES):
+        if p:
+            out.append((f"sample topk pass {p}", samp.K, "_topk_pass_kernel", dict(
+                L=f32, HK=i32, CNT=i32, RSI=i32, **rows, sl_b=v, V=v, NC=nc, SHIFT=c(shift),
+                BITS=c(bits), OFF=c(off), SLOT=c(1 + p), BLOCK=c(2048), SUBB=c(512)), 8, 1))
+        out.append((f"sample topp pass {p}", samp.K, "_topp_pass_kernel", dict(
+            L=f32, HP=f32, CNT=i32, RSF=f32, RSI=i32, **rows, sl_b=v, V=v, NC=nc,
+            SHIFT=c(shift), BITS=c(bits), OFF=c(off), SLOT=c(4 + p), BLOCK=c(2048),
+            SUBB=c(256 if p == 0 else 512)), 8, 1))
+    out.append(("sample draw", samp.K, "_draw_kernel", dict(
+        L=f32, R=f32, PV=f32, PI=i32, CNT=i32, RSF=f32, RSI=i32, **rows, SEED=i64, POSN=i64,
+        TOK=i64, LP=f32, sl_b=v, sr_b=v, V=v, NC=nc, BLOCK=c(2048), SUBB=c(512), NC_P=c(128)),
+        8, 1))
     return out
 
 

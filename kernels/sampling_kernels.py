@@ -205,12 +205,13 @@ def _topp_pass_kernel(
             z = tl.div_rn(tl.load(L + b * sl_b + offs, mask=mask, other=0.0), t)
             key = order_key(z)
             use = mask & (key >= kth) & under_prefix(key, prefix, SHIFT + BITS)
-            d = digit(key, SHIFT, BITS)
+            dg = digit(key, SHIFT, BITS)
             if FIRST:  # every kept token: 16 bins summed here, 16 atomics per program
                 w = tl.where(use, tl.exp(z - m), 0.0)
-                acc += tl.sum(tl.where(d[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
-            elif tl.max(use.to(tl.int32), axis=0) > 0:  # few tokens under the prefix
-                tl.atomic_add(hp + d, tl.exp(z - m), mask=use)
+                acc += tl.sum(tl.where(dg[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
+            else:
+                if tl.max(use.to(tl.int32), axis=0) > 0:  # few tokens under the prefix
+                    tl.atomic_add(hp + dg, tl.exp(z - m), mask=use)
         if FIRST:
             tl.atomic_add(hp + bins, acc, mask=acc > 0)
         if tl.atomic_add(CNT + b * _NSLOT + SLOT, 1) == NC - 1:
