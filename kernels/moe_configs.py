@@ -39,8 +39,10 @@ DECODE_FEW = MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
                        GemmTiles(64, 128, swap_ab=True, split_k=2), fuse_combine=True)
 # 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
 MIDDLE = MoEConfig(32, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True))
-PREFILL = MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
-                    GemmTiles(128, 64, swap_ab=True, num_warps=8))
+# Tensor-core bound: tiles big enough that the dequantization's instructions (~650 warp-
+# instructions per SM per k-step) stay under the wgmma time (~980 clocks per k-step).
+PREFILL = MoEConfig(128, GemmTiles(256, 64, swap_ab=True, num_warps=8),
+                    GemmTiles(128, 128, swap_ab=True, num_warps=8))
 
 DECODE_CANDIDATES = {
     "d_swap128": DECODE,
@@ -67,12 +69,16 @@ DECODE_CANDIDATES = {
                          fast=False),
 }
 PREFILL_CANDIDATES = {
-    "p_swap128": PREFILL,
+    "p_mix": PREFILL,
+    "p_swap128": MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
+                           GemmTiles(128, 64, swap_ab=True, num_warps=8)),
+    "p_swap128k128": MoEConfig(128, GemmTiles(128, 128, swap_ab=True, num_warps=8),
+                               GemmTiles(128, 128, swap_ab=True, num_warps=8)),
     "p_m128": MoEConfig(128, GemmTiles(128, 64, num_warps=8), GemmTiles(128, 64, num_warps=8)),
     "p_m64": MoEConfig(64, GemmTiles(128, 64), GemmTiles(128, 64)),
     "p_m128k128": MoEConfig(128, GemmTiles(128, 128, num_warps=8),
                             GemmTiles(128, 128, num_warps=8)),
-    "p_swap128pdl": replace(PREFILL, pdl=True),
+    "p_mixpdl": replace(PREFILL, pdl=True),
     "p_swap64": MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True)),
     "p_m32": MIDDLE,
     "p_m32n128": MoEConfig(32, GemmTiles(128, 128, swap_ab=True),
