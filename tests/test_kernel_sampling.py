@@ -30,7 +30,7 @@ ROWS = [
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sampling, "BLOCK_V", 128)
-    monkeypatch.setattr(sampling, "SUB", 32)
+    monkeypatch.setattr(sampling, "SUB", 32)  # 4 sub-blocks per chunk: the skipping is exercised
 
 
 def params(rows, seeds, positions):
@@ -114,6 +114,54 @@ def test_logprobs_come_from_the_raw_logits() -> None:
     assert got.tokens.tolist() == want.tokens.tolist()
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.top_logprobs, want.top_logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "rows"),
+    [
+        (1, [(1.0, 0, 0.9, 0.1), (0.0, 0, 1.0, 0.0)]),  # one token: every filter keeps it
+        (97, [(0.0, 0, 1.0, 0.0), (1.0, 1, 1.0, 0.0), (0.5, 0, 1.0, 0.0)]),  # greedy + plain only
+        (257, [(1.0, 0, 1.0, 0.3)] * 2),  # min-p only: the draw pass without any radix pass
+        (383, [(1.1, 383, 1.0, 0.0), (1.1, 10_000, 1.0, 0.0), (0.9, 382, 0.95, 0.0)]),  # k ≥ V
+        (200, [(1.0, 0, 1.0, 0.0), (1.0, 0, 0.999999, 0.0), (1.0, 3, 1.0, 0.0)]),  # top_p ≈ 1
+    ],
+)
+def test_odd_vocabs_and_filters_that_keep_everything(vocab, rows) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(len(rows), vocab, generator=g) * 3
+    for trial in range(2):
+        got, want = both(logits, rows, [trial + i for i in range(len(rows))], [trial] * len(rows))
+        assert got.tokens.tolist() == want.tokens.tolist()
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+
+
+def test_one_row_of_each_kind_alone_and_in_a_mixed_batch() -> None:
+    g = torch.Generator().manual_seed(21)
+    vocab = 333
+    logits = torch.randn(len(ROWS), vocab, generator=g) * 2
+    seeds, positions = [50 + i for i in range(len(ROWS))], [9 + i for i in range(len(ROWS))]
+    mixed, want = both(logits, ROWS, seeds, positions)
+    assert mixed.tokens.tolist() == want.tokens.tolist()
+    for i, row in enumerate(ROWS):  # B = 1 for every kind of row
+        alone, want1 = both(logits[i : i + 1], [row], seeds[i : i + 1], positions[i : i + 1])
+        assert alone.tokens.tolist() == want1.tokens.tolist() == [mixed.tokens[i].item()]
+
+
+def test_a_peaked_row_keeps_few_tokens_and_a_flat_one_many() -> None:
+    # the top-p threshold in the dense middle of the keys (flat) and among a few outliers (peaked)
+    g = torch.Generator().manual_seed(4)
+    vocab = 300
+    flat = torch.randn(1, vocab, generator=g) * 0.1
+    peaked = torch.randn(1, vocab, generator=g)
+    peaked[0, [3, 150, 299]] += torch.tensor([12.0, 11.5, 11.0])
+    logits = torch.cat([flat, peaked, flat, peaked])
+    rows = [(1.0, 0, 0.9, 0.0), (1.0, 0, 0.9, 0.0), (1.0, 50, 0.5, 0.0), (1.0, 2, 0.99, 0.0)]
+    seen = set()
+    for trial in range(3):
+        got, want = both(logits, rows, [trial * 4 + i for i in range(4)], [trial] * 4)
+        assert got.tokens.tolist() == want.tokens.tolist()
+        seen.add(got.tokens[1].item())
+    assert seen <= {3, 150, 299}
 
 
 def test_sample_rejects_bad_inputs() -> None:
