@@ -108,9 +108,10 @@ def sampling_params(batch: int) -> dict[str, torch.Tensor]:
     )
 
 
-@pytest.mark.parametrize("batch", [8, 64])
-def test_sampling_20b_vocab(batch) -> None:
-    logits = torch.randn(batch, CFG.vocab_size, device=DEV) * 2
+@pytest.mark.parametrize(("batch", "scale"), [(1, 2.0), (8, 2.0), (64, 2.0), (64, 8.0), (3, 0.01)])
+def test_sampling_20b_vocab(batch, scale) -> None:
+    # scale: 2 → nuclei of thousands of tokens, 8 → peaked rows, 0.01 → nearly flat rows
+    logits = torch.randn(batch, CFG.vocab_size, device=DEV) * scale
     kw = sampling_params(batch)
     got = sample(logits, **kw, num_top_logprobs=5)
     want = sample_ref(logits, **kw, num_top_logprobs=5)
