@@ -128,11 +128,12 @@ def bench_small(peaks: Peaks, sizes: dict) -> None:
     for batch in sizes["sample"]:
         logits = torch.randn(batch, vocab, device=DEVICE) * 3
         ones = torch.ones(batch, device=DEVICE)
-        for label, tk, tp in (("greedy", 1, 1.0), ("top_k=50", 50, 1.0),
-                              ("top_p=0.9", 0, 0.9), ("all", 50, 0.9)):
+        for label, tk, tp, mp in (("greedy", 1, 1.0, 0.0), ("temperature", 0, 1.0, 0.0),
+                                  ("top_k=50", 50, 1.0, 0.0), ("top_p=0.9", 0, 0.9, 0.0),
+                                  ("all", 50, 0.9, 0.05)):
             kw = dict(temperature=ones if label != "greedy" else ones * 0,
                       top_k=torch.full((batch,), tk, device=DEVICE),
-                      top_p=ones * tp, min_p=ones * 0.0,
+                      top_p=ones * tp, min_p=ones * mp,
                       seeds=torch.arange(batch, device=DEVICE),
                       positions=torch.arange(batch, device=DEVICE))
             t = graph_time(lambda kw=kw, logits=logits: sample(logits, **kw))
