@@ -11,17 +11,18 @@ seeded request gets the same tokens whatever else shares its batch, and no RNG s
 The hash is murmur3's 32-bit finalizer (fmix32) in wrapping uint32 arithmetic, identical in torch and
 Triton. Logprobs are log-softmax of the raw model logits (before penalties and temperature).
 
-Triton path (`sample`, same signature as `sample_ref`, no host sync, CUDA-graph capturable): the
-row is cut into chunks of 4096 tokens, one program per (row, chunk) in every kernel:
-  1. stats: chunk max and first argmax of ℓ, chunk max and Σexp of the raw logits (logsumexp);
-  2. top-k: the k-th largest z by radix select on the order-preserving uint32 keys of z
-     (kernels/radix_select.py), 4 passes of 8-bit digit histograms (exact);
-  3. top-p: the threshold τ by radix select on the kept mass w = exp(z − max z), 8 passes of
-     4-bit digits: the largest value v with Σ_{z ≥ v, kept} w ≥ top_p · Σ_kept w, i.e. exactly the
-     reference's τ (keep p ≥ τ, ties kept) up to fp32 summation order;
-  4. sample: keep = z ≥ k-th ∧ z ≥ τ ∧ exp(z − max z) ≥ min_p; per-chunk argmax of z + G with the
-     same hash, then a merge (ties → lowest token id, like torch.argmax);
-  5. logprob of the chosen token from the merged logsumexp; top-N logprobs by torch.topk.
+Triton path (`sample`, same signature as `sample_ref`, no host sync, CUDA-graph capturable; the
+kernels are in kernels/sampling_kernels.py and kernels/radix_select.py): each row is cut into
+chunks of 2048 tokens, one program per (row, chunk); the last program of a row to finish a pass
+(a per-row counter) combines the row's partials, so the next pass reads two numbers.
+  1. stats: max/argmax and logsumexp of the raw logits; greedy and temperature-only rows are
+     finished here (Gumbel-max argmax), and top-k's first digit histogram is built;
+  2. top-k: the k-th largest z by exact radix select on order-preserving uint32 keys
+     (4/12/12/4-bit digit passes that touch only tokens still in the running);
+  3. top-p: the threshold τ by the same radix select on the kept mass w = exp(z − max z): the
+     largest value with Σ_{kept, w ≥ τ} w ≥ top_p · Σ_kept w, the reference's τ (ties kept);
+  4. draw: keep = z ≥ k-th ∧ w ≥ τ ∧ w ≥ min_p; argmax of z + G per chunk, merged with ties going
+     to the lowest token id (like torch.argmax); then the chosen logprob; top-N by torch.topk.
 Rows that do not use a filter skip its passes (the launches stay: the grid depends on shapes
 only). Differences from the reference only at exact boundaries: top_p = 1 keeps every token (the
 reference's fp32 cumsum may drop a tail of underflowing tokens), and a mass tie at the top-p
