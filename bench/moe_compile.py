@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.moe_gemm_kernels as gemm
+import kernels.moe_router as router
 import kernels.moe_routing as routing
 from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
 
@@ -156,6 +157,14 @@ def main(argv: list[str] | None = None) -> None:
                  FUSED=fused, PDL=True)
         k = _compile(routing, "_topk_kernel", a, 4)
         print(report(k, f"route.e{e_pad}.t{block_t}.{'fused' if fused else 'split'}", args.sass))
+        if not fused:
+            continue
+        a = {key: v for key, v in a.items() if key not in ("LOGITS", "stride_l", "PDL")}
+        a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", LOGITS="*bf16", H=HID,
+                 COUNTER="*i32", T_PAD=block_t, E_BLK=router.E_BLOCK,
+                 BLOCK_H=min(512, 8192 // (block_t * router.E_BLOCK)))
+        k = _compile(router, "_router_kernel", a, 4)
+        print(report(k, f"router.e{e_pad}.t{block_t}", args.sass))
 
 
 if __name__ == "__main__":

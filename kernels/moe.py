@@ -22,6 +22,7 @@ import torch
 from kernels.moe_configs import DECODE, DECODE_FEW, MIDDLE, PREFILL, MoEConfig, choose_config
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import moe_ref
+from kernels.moe_router import fits, route_fused
 from kernels.moe_routing import RoutingPlan, route
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights
@@ -112,7 +113,11 @@ def moe_forward(
     k = config.experts_per_token
     cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
     x = x.contiguous()
-    plan = route(router_logits(x, layer), k, cfg.block_m, cfg.pdl)
+    if cfg.fused_router and p.counters is not None and fits(x.shape[0], k, config.num_experts):
+        plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),
+                           layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:])
+    else:
+        plan = route(router_logits(x, layer), k, cfg.block_m, cfg.pdl)
     return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit)
 
 

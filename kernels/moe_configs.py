@@ -25,6 +25,7 @@ class MoEConfig:
     fast: bool = True  # fp16 MMA with PTX dequantization where the dtype and weights allow
     fuse_combine: bool = False  # GEMM 2's last program per N block sums the tokens' rows
     pdl: bool = False  # programmatic dependent launch between the Triton kernels (sm_90+)
+    fused_router: bool = False  # router GEMV + routing in one launch (kernels/moe_router.py)
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -49,6 +50,9 @@ DECODE_CANDIDATES = {
     "d_swap64": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True)),
     "d_swap64s2": DECODE_FEW,
     "d_swap64s2pdl": replace(DECODE_FEW, pdl=True),
+    "d_swap64s2fr": replace(DECODE_FEW, fused_router=True),
+    "d_swap64s2frpdl": replace(DECODE_FEW, fused_router=True, pdl=True),
+    "d_swap128fr": replace(DECODE, fused_router=True),
     "d_swap128pdl": replace(DECODE, pdl=True),
     "d_swap64s2nf": MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
                               GemmTiles(64, 128, swap_ab=True, split_k=2)),

@@ -115,17 +115,14 @@ def _write_tiles(
 
 
 @jit
-def _topk_kernel(
-    LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
+def _route_block(
+    blk, LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
     NUM_TILES, MAX_TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch: see kernels/moe_gemm_kernels._pdl_start
-        gdc_wait()
-        gdc_launch_dependents()
-    blk = tl.program_id(0)
+    """Top-k + softmax of token block `blk`, its per-expert counts; FUSED (a single block):
+    also the ranks and the tile table."""
     rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
     cols = tl.arange(0, E_PAD)
@@ -162,6 +159,24 @@ def _topk_kernel(
 
 
 @jit
+def _topk_kernel(
+    LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
+    NUM_TILES, MAX_TILES,
+    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:  # programmatic dependent launch: see kernels/moe_gemm_kernels._pdl_start
+        gdc_wait()
+        gdc_launch_dependents()
+    _route_block(
+        tl.program_id(0), LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E,
+        TILE_START, TILE_END, NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, P_BLOCK, BLOCK_M,
+        BLOCK_I, FUSED,
+    )
+
+
+@jit
 def _place_kernel(
     IDS, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, nblocks, TK, E,
     MAX_TILES,
@@ -181,6 +196,66 @@ def _place_kernel(
         )
 
 
+@dataclass(frozen=True)
+class RouteLaunch:
+    """Block sizes of the routing kernels for (T, E, k) and the plan's fixed-size buffers."""
+
+    e_pad: int
+    block_t: int
+    nblocks: int
+    p_block: int
+    block_i: int
+    num_warps: int
+
+    @classmethod
+    def of(cls, t: int, e: int, top_k: int, n_tiles: int) -> RouteLaunch:
+        e_pad = triton.next_power_of_2(e)
+        block_t = max(1, min(triton.next_power_of_2(max(t, 1)),
+                             _RANK_ELEMS // (e_pad * triton.next_power_of_2(top_k))))
+        p_block = triton.next_power_of_2(block_t * top_k)
+        elems = p_block * e_pad
+        # Small problems in one warp: the scans and reductions need no cross-warp barriers.
+        return cls(e_pad, block_t, max(1, triton.cdiv(t, block_t)), p_block,
+                   max(16, min(triton.next_power_of_2(n_tiles), _RANK_ELEMS // e_pad)),
+                   1 if elems <= 1024 else 4 if elems <= 8192 else 8)
+
+    def constexprs(self, top_k: int, block_m: int) -> dict:
+        return dict(K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=self.e_pad,
+                    BLOCK_T=self.block_t, P_BLOCK=self.p_block, BLOCK_M=block_m,
+                    BLOCK_I=self.block_i, FUSED=self.nblocks == 1)
+
+
+def new_plan(t: int, e: int, top_k: int, block_m: int, device: torch.device) -> RoutingPlan:
+    """Uninitialized plan buffers (sizes fixed by T, E, k, BLOCK_M); T = 0 is already valid."""
+    if not 1 <= top_k <= e:
+        raise ValueError(f"route: top_k must be in [1, {e}], got {top_k}")
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"route: block_m must be a power of two, got {block_m}")
+    i32, n_tiles = torch.int32, max_tiles(t, top_k, e, block_m)
+    plan = RoutingPlan(
+        weights=torch.empty(t, top_k, dtype=torch.float32, device=device),
+        experts=torch.empty(t, top_k, dtype=i32, device=device),
+        counts=torch.empty(e, dtype=i32, device=device),
+        pos=torch.empty(t * top_k, dtype=i32, device=device),
+        sorted_pair=torch.empty(t * top_k, dtype=i32, device=device),
+        tile_expert=torch.empty(n_tiles, dtype=i32, device=device),
+        tile_start=torch.empty(n_tiles, dtype=i32, device=device),
+        tile_end=torch.empty(n_tiles, dtype=i32, device=device),
+        num_tiles=torch.empty(1, dtype=i32, device=device),
+        block_m=block_m,
+    )
+    if t == 0:
+        plan.counts.zero_()
+        plan.num_tiles.zero_()
+    return plan
+
+
+def plan_outputs(plan: RoutingPlan) -> tuple[torch.Tensor, ...]:
+    """The kernels' output pointers after (IDS, W, HIST): POS … NUM_TILES."""
+    return (plan.pos, plan.sorted_pair, plan.counts, plan.tile_expert, plan.tile_start,
+            plan.tile_end, plan.num_tiles)
+
+
 def route(logits: torch.Tensor, top_k: int, block_m: int, pdl: bool = False) -> RoutingPlan:
     """Router logits [T, E] (any float dtype) → RoutingPlan with tiles of `block_m` rows.
     pdl: launch with programmatic dependent launch (CUDA, sm_90+), see moe_gemm.pdl_args."""
@@ -188,53 +263,23 @@ def route(logits: torch.Tensor, top_k: int, block_m: int, pdl: bool = False) -> 
         raise ValueError(f"route: logits must be [T, E] with unit column stride, got "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
     t, e = logits.shape
-    if not 1 <= top_k <= e:
-        raise ValueError(f"route: top_k must be in [1, {e}], got {top_k}")
-    if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"route: block_m must be a power of two, got {block_m}")
-    dev, i32 = logits.device, torch.int32
-    e_pad = triton.next_power_of_2(e)
-    block_t = max(1, min(triton.next_power_of_2(max(t, 1)),
-                         _RANK_ELEMS // (e_pad * triton.next_power_of_2(top_k))))
-    nblocks = max(1, triton.cdiv(t, block_t))
-    n_tiles = max_tiles(t, top_k, e, block_m)
-    plan = RoutingPlan(
-        weights=torch.empty(t, top_k, dtype=torch.float32, device=dev),
-        experts=torch.empty(t, top_k, dtype=i32, device=dev),
-        counts=torch.empty(e, dtype=i32, device=dev),
-        pos=torch.empty(t * top_k, dtype=i32, device=dev),
-        sorted_pair=torch.empty(t * top_k, dtype=i32, device=dev),
-        tile_expert=torch.empty(n_tiles, dtype=i32, device=dev),
-        tile_start=torch.empty(n_tiles, dtype=i32, device=dev),
-        tile_end=torch.empty(n_tiles, dtype=i32, device=dev),
-        num_tiles=torch.empty(1, dtype=i32, device=dev),
-        block_m=block_m,
-    )
+    plan = new_plan(t, e, top_k, block_m, logits.device)
     if t == 0:
-        plan.counts.zero_()
-        plan.num_tiles.zero_()
         return plan
-    hist = torch.empty(nblocks, e_pad, dtype=i32, device=dev)
-    pairs_per_block = block_t * top_k
-    p_block = triton.next_power_of_2(pairs_per_block)
-    block_i = max(16, min(triton.next_power_of_2(n_tiles), _RANK_ELEMS // e_pad))
-    # Small problems in one warp: the scans and reductions then need no cross-warp barriers.
-    elems = p_block * e_pad
-    num_warps = 1 if elems <= 1024 else 4 if elems <= 8192 else 8
-    common = (plan.pos, plan.sorted_pair, plan.counts, plan.tile_expert, plan.tile_start,
-              plan.tile_end, plan.num_tiles)
+    lc = RouteLaunch.of(t, e, top_k, plan.max_tiles)
+    hist = torch.empty(lc.nblocks, lc.e_pad, dtype=torch.int32, device=logits.device)
     pdl = pdl and logits.is_cuda and not interpret_forced()
-    jit["_topk_kernel"][(nblocks,)](
-        logits, logits.stride(0), t, e, plan.experts, plan.weights, hist, *common, n_tiles,
-        K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
-        P_BLOCK=p_block, BLOCK_M=block_m, BLOCK_I=block_i, FUSED=nblocks == 1,
-        num_warps=num_warps, PDL=pdl, launch_pdl=pdl,
+    jit["_topk_kernel"][(lc.nblocks,)](
+        logits, logits.stride(0), t, e, plan.experts, plan.weights, hist, *plan_outputs(plan),
+        plan.max_tiles, **lc.constexprs(top_k, block_m), num_warps=lc.num_warps, PDL=pdl,
+        launch_pdl=pdl,
     )
-    if nblocks > 1:
-        jit["_place_kernel"][(nblocks,)](
-            plan.experts, hist, *common, nblocks, t * top_k, e, n_tiles,
-            E_PAD=e_pad, P_BLOCK=p_block, PAIRS_PER_BLOCK=pairs_per_block, BLOCK_M=block_m,
-            BLOCK_I=block_i, num_warps=num_warps, PDL=pdl, launch_pdl=pdl,
+    if lc.nblocks > 1:
+        jit["_place_kernel"][(lc.nblocks,)](
+            plan.experts, hist, *plan_outputs(plan), lc.nblocks, t * top_k, e, plan.max_tiles,
+            E_PAD=lc.e_pad, P_BLOCK=lc.p_block, PAIRS_PER_BLOCK=lc.block_t * top_k,
+            BLOCK_M=block_m, BLOCK_I=lc.block_i, num_warps=lc.num_warps, PDL=pdl,
+            launch_pdl=pdl,
         )
     return plan
 
@@ -267,4 +312,5 @@ def route_plan_ref(logits: torch.Tensor, top_k: int, block_m: int) -> RoutingPla
     )
 
 
-__all__ = ["RoutingPlan", "max_tiles", "route", "route_plan_ref", "route_ref"]
+__all__ = ["RouteLaunch", "RoutingPlan", "max_tiles", "new_plan", "plan_outputs", "route",
+           "route_plan_ref", "route_ref"]

@@ -30,6 +30,8 @@ from runtime.synthetic import random_layer
 
 SMALL_SWAP = MoEConfig(16, GemmTiles(16, 64, swap_ab=True), GemmTiles(32, 32, swap_ab=True))
 SMALL_PREFILL = MoEConfig(32, GemmTiles(32, 64), GemmTiles(16, 32, group_m=2))
+FUSED_ROUTER = MoEConfig(16, GemmTiles(32, 64, swap_ab=True), GemmTiles(32, 64, swap_ab=True),
+                         fuse_combine=True, fused_router=True)
 
 
 def tiny(hidden: int, inter: int, experts: int, top_k: int) -> ModelConfig:
@@ -48,6 +50,8 @@ def tiny(hidden: int, inter: int, experts: int, top_k: int) -> ModelConfig:
         (64, 32, 128, 4, 9, torch.float32, SMALL_SWAP),  # E = 128: most experts empty
         (32, 64, 8, 2, 45, torch.float32, SMALL_PREFILL),  # several tiles per expert
         (96, 96, 32, 4, 3, torch.float16, SMALL_SWAP),
+        (64, 64, 32, 4, 5, torch.float32, FUSED_ROUTER),  # router + routing in one launch
+        (64, 64, 32, 4, 6, torch.float16, FUSED_ROUTER),
     ],
 )
 def test_moe_layer_matches_the_torch_reference(

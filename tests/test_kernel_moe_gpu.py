@@ -101,3 +101,23 @@ def test_triton_kernels_backend_matches_the_reference_when_installed(layer_20b) 
     )
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 2e-2, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("experts", [32, 128])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_fused_router_matches_linear_then_route(tokens: int, experts: int) -> None:
+    from kernels.moe_router import route_fused
+
+    cfg = ModelConfig(num_hidden_layers=1, num_experts=experts)
+    layer = random_layer(cfg, 0, seed=8, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for _ in range(2):  # the counter resets itself
+        got = route_fused(x, layer.gate_weight, layer.gate_bias, 4, 16, counter)
+    logits = router_logits(x, layer)
+    want = route(logits, 4, 16)
+    # bf16 logits summed in another order may differ by an ulp: compare where the top-5 is clear
+    top = torch.topk(logits.float(), 5, dim=-1).values
+    clear = ((top[:, :-1] - top[:, 1:]) > 0.02 * top.abs()[:, :-1].clamp(min=1)).all(-1)
+    assert torch.equal(got.experts[clear], want.experts[clear])
+    assert counter.item() == 0
