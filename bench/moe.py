@@ -30,6 +30,7 @@ from kernels.moe import moe_forward, prepare_moe, router_logits
 from kernels.moe_configs import MoEConfig, candidates, choose_config
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import experts_ref
+from kernels.moe_router import fits, route_fused
 from kernels.moe_routing import route
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights
@@ -111,9 +112,15 @@ def timed(fn: Callable[[int], object], tokens: int) -> float:
     return elapsed_us(lambda: [fn(i) for i in range(LAYERS)], 3) / LAYERS
 
 
-def reference(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """The oracle's output (fp32) on the kernels' own routing (ties in bf16 logits aside)."""
-    plan = route(router_logits(x, layer), cfg.experts_per_token, 16)
+def reference(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor,
+              fused_router_counter: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle's experts (fp32) on the kernels' own routing: the fused router's when a
+    counter is given (its logits may differ by an ulp, and so its choice on near ties)."""
+    k = cfg.experts_per_token
+    if fused_router_counter is not None and fits(x.shape[0], k, cfg.num_experts):
+        plan = route_fused(x, layer.gate_weight, layer.gate_bias, k, 16, fused_router_counter)
+    else:
+        plan = route(router_logits(x, layer), k, 16)
     return experts_ref(
         x, plan.weights, plan.experts.long(), layer.mlp1_blocks, layer.mlp1_scales,
         layer.mlp1_bias, layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias,
@@ -186,11 +193,13 @@ def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: 
         configs = candidates(t, cfg.experts_per_token, cfg.num_experts) if sweep else {}
         configs = {"default": default, **configs}
         want = reference(cfg, layers[0], x)
+        want_fr = reference(cfg, layers[0], x, prepared[0].counters[-1:])
         results: dict[str, float] = {}
         for name, mc in configs.items():
             try:
                 got = moe_forward(x, layers[0], cfg, prepared[0], mc)
-                err = float((got.float() - want).norm() / want.norm())
+                ref = want_fr if mc.fused_router else want
+                err = float((got.float() - ref).norm() / ref.norm())
                 if not err < 1e-2:  # a fast wrong config must not win
                     print(f"  {shape} T={t} {name}: WRONG, relative error {err:.2e}")
                     continue

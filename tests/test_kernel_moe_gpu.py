@@ -70,9 +70,9 @@ def layer_20b():  # noqa: ANN201
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("tokens", [3, 200])
-def test_every_candidate_config_matches_the_reference(name: str, tokens: int, layer_20b) -> None:  # noqa: ANN001
+def test_every_candidate_config_matches_the_reference(name: str, layer_20b) -> None:  # noqa: ANN001
     cfg, layer = CFG_20B, layer_20b
+    tokens = 5 if name in DECODE_CANDIDATES else 300  # a decode batch / ≈ 37 rows per expert
     x = torch.randn(tokens, cfg.hidden_size, device="cuda", generator=torch.Generator(
         "cuda").manual_seed(tokens)).to(torch.bfloat16)
     mc: MoEConfig = CONFIGS[name]
