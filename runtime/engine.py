@@ -54,6 +54,14 @@ class EngineConfig:
         CacheShape(self.max_slots, self.max_context, self.max_chunk_tokens)  # validates
 
 
+def _powers_of_two(limit: int) -> list[int]:
+    sizes, n = [], 1
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit]
+
+
 @dataclass(frozen=True)
 class GenerateOutput:
     token_ids: tuple[int, ...]
@@ -181,16 +189,34 @@ class Engine:
     def prefix_reuse_slack(self) -> int:
         return self.shape.prefix_reuse_slack(self.model_config)
 
-    def warmup(self) -> None:
+    def warmup(self, max_step_tokens: int | None = None) -> None:
         """Compiles kernels and captures the decode graphs, so first requests pay no start-up.
 
-        Runs a prefill and a decode on slot 0 (its cache contents are then junk, which is fine:
-        a slot's cache is only reused for tokens the scheduler knows it holds).
+        On CUDA, Triton compiles a kernel variant per specialization and tile configuration, and
+        the MoE picks its configuration by tokens per expert: one packed prefill step of every
+        power-of-two size up to `max_step_tokens` compiles them all here rather than in the
+        middle of a request. The slots' cache contents are junk afterwards, which is fine: a
+        slot's cache is only reused for tokens the scheduler knows it holds.
         """
-        self.step(StepPlan((SeqWork(slot=0, token_ids=(0, 0), start_pos=0, sample=True),)))
+        t0 = time.perf_counter()
+        limit = max_step_tokens or self.max_chunk_tokens
+        sizes = [2, 3] if self.device.type == "cpu" else _powers_of_two(limit)
+        for n in sizes:
+            self.step(self._junk_prefill(n))
         self.step(StepPlan((SeqWork(slot=0, token_ids=(0,), start_pos=2, sample=True),)))
         if self.graphs is not None and not self.graphs.graphs:
             self.graphs.capture()
+        log.info("warm-up: prefill sizes %s in %.1fs", sizes, time.perf_counter() - t0)
+
+    def _junk_prefill(self, n: int) -> StepPlan:
+        """A prefill step of n tokens spread over as many slots as the chunk limit needs."""
+        chunk = min(self.max_chunk_tokens, self.max_context - 1)
+        works, slot = [], 0
+        while n > 0 and slot < self.max_slots:
+            k = min(n, chunk)
+            works.append(SeqWork(slot=slot, token_ids=(0,) * k, start_pos=0, sample=True))
+            n, slot = n - k, slot + 1
+        return StepPlan(tuple(works))
 
     # ---- the step -------------------------------------------------------------------------------
     def validate(self, plan: StepPlan) -> None:

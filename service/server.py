@@ -50,7 +50,7 @@ def build_engine(config: ServerConfig):  # noqa: ANN201 - a runtime.engine.Engin
         cuda_graphs=config.cuda_graphs, kernels=config.kernels,
     ), weights=weights)
     if config.warmup:
-        engine.warmup()
+        engine.warmup(config.max_step_tokens)
     return engine
 
 
