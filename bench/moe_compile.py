@@ -30,6 +30,7 @@ from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 HID = INTER = 2880
+ROW_SCALES = False  # --row-scales: the checkpoint's [E, N, G] scale layout
 E, K_TOP = 32, 4
 
 
@@ -108,13 +109,18 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                   BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, SWAP_AB=t.swap_ab,
                   IEEE=False, FAST=fast, EMULATE=False, PDL=mc.pdl)
     if which == 1:
+        g1 = HID // 32  # scales groups-major ([E, G, N] storage) unless --row-scales
+        sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)
         return dict(common, X="*bf16", OUT="*fp16" if fast else "*bf16", stride_x=HID,
-                    stride_we=INTER * HID, stride_wn=HID // 2, stride_se=2 * INTER * HID // 32,
-                    stride_sn=HID // 32, stride_be=2 * INTER, stride_o=INTER, N2=2 * INTER, K=HID,
+                    stride_we=INTER * HID, stride_wn=HID // 2, stride_se=2 * INTER * g1,
+                    stride_sn=sn, stride_sg=sg, stride_be=2 * INTER, stride_o=INTER,
+                    N2=2 * INTER, K=HID,
                     alpha=1.702, limit=7.0, TOPK=K_TOP), t
+    g2 = INTER // 32
+    sn, sg = (g2, 1) if ROW_SCALES else (1, HID)
     return dict(common, A="*fp16" if fast else "*bf16", stride_a=INTER,
-                stride_we=HID * INTER // 2, stride_wn=INTER // 2, stride_se=HID * INTER // 32,
-                stride_sn=INTER // 32, stride_be=HID, RW="*fp32", stride_split=4096 * HID,
+                stride_we=HID * INTER // 2, stride_wn=INTER // 2, stride_se=HID * g2,
+                stride_sn=sn, stride_sg=sg, stride_be=HID, RW="*fp32", stride_split=4096 * HID,
                 stride_o=HID, N=HID, K=INTER, SPLIT_K=t.split_k,
                 OUT="*fp32" if t.split_k > 1 else "*bf16", POS="*i32", NUM_TILES="*i32",
                 COUNTERS="*i32", FINAL="*bf16", stride_f=HID, T=7, ROWS=28, FUSE_COMBINE=mc.fuse_combine,
@@ -126,7 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default="all", help="all, or comma-separated names")
     ap.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS here")
     ap.add_argument("--exact", action="store_true", help="the exact path instead of the fast one")
+    ap.add_argument("--row-scales", action="store_true",
+                    help="scales in the checkpoint's [E, N, G] layout (not prepare_moe's)")
     args = ap.parse_args(argv)
+    global ROW_SCALES
+    ROW_SCALES = args.row_scales
     configs = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
@@ -146,25 +156,33 @@ def main(argv: list[str] | None = None) -> None:
                                                H=HID, TOPK=K_TOP, SPLIT_K=2, BLOCK_T=4, PDL=True,
                                                BLOCK_H=256), 4)
     print(report(k, "combine", args.sass))
-    for e_pad, block_t, fused in ((32, 1, True), (128, 32, True), (128, 32, False)):
-        kpad = 4
-        p_block = triton.next_power_of_2(block_t * K_TOP)
-        a = dict(LOGITS="*bf16", stride_l=e_pad, T=block_t, E=e_pad, IDS="*i32", W="*fp32",
-                 HIST="*i32", POS="*i32", SORTED="*i32", COUNTS="*i32", TILE_E="*i32",
-                 TILE_START="*i32", TILE_END="*i32", NUM_TILES="*i32", MAX_TILES=36, K=K_TOP,
-                 K_PAD=kpad,
-                 E_PAD=e_pad, BLOCK_T=block_t, P_BLOCK=p_block, BLOCK_M=16, BLOCK_I=64,
-                 FUSED=fused, PDL=True)
-        k = _compile(routing, "_topk_kernel", a, 4)
-        print(report(k, f"route.e{e_pad}.t{block_t}.{'fused' if fused else 'split'}", args.sass))
-        if not fused:
-            continue
-        a = {key: v for key, v in a.items() if key not in ("LOGITS", "stride_l", "PDL")}
-        a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", LOGITS="*bf16", H=HID,
-                 COUNTER="*i32", T_PAD=block_t, E_BLK=router.E_BLOCK,
-                 BLOCK_H=min(512, 8192 // (block_t * router.E_BLOCK)))
-        k = _compile(router, "_router_kernel", a, 4)
-        print(report(k, f"router.e{e_pad}.t{block_t}", args.sass))
+    # the routing kernels at the batch sizes the bench runs (T, E, BLOCK_M)
+    for t, e, bm in ((1, 32, 16), (8, 32, 16), (64, 128, 16), (256, 32, 32), (256, 128, 16),
+                     (4096, 32, 128), (4096, 128, 128)):
+        n_tiles = routing.max_tiles(t, K_TOP, e, bm)
+        lc = routing.RouteLaunch.of(t, e, K_TOP, n_tiles)
+        a = dict(LOGITS="*bf16", stride_l=e, T=t, E=e, IDS="*i32", W="*fp32", HIST="*i32",
+                 POS="*i32", SORTED="*i32", COUNTS="*i32", TILE_E="*i32", TILE_START="*i32",
+                 TILE_END="*i32", NUM_TILES="*i32", MAX_TILES=n_tiles, PDL=False,
+                 **lc.constexprs(K_TOP, bm))
+        k = _compile(routing, "_topk_kernel", a, lc.num_warps)
+        print(report(k, f"route.t{t}.e{e}", args.sass))
+        if lc.nblocks > 1:
+            b = dict(IDS="*i32", HIST="*i32", POS="*i32", SORTED="*i32", COUNTS="*i32",
+                     TILE_E="*i32", TILE_START="*i32", TILE_END="*i32", NUM_TILES="*i32",
+                     nblocks=lc.nblocks, TK=t * K_TOP, E=e, MAX_TILES=n_tiles, E_PAD=lc.e_pad,
+                     CHUNK=lc.chunk, PAIRS_PER_BLOCK=lc.block_t * K_TOP, BLOCK_M=bm,
+                     BLOCK_I=lc.block_i, PDL=False)
+            k = _compile(routing, "_place_kernel", b, lc.num_warps)
+            print(report(k, f"route.t{t}.e{e}.place", args.sass))
+        elif router.fits(t, K_TOP, e):
+            a = {key: v for key, v in a.items() if key not in ("LOGITS", "stride_l", "PDL")}
+            t_pad = triton.next_power_of_2(t)
+            a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", LOGITS="*bf16", H=HID,
+                     COUNTER="*i32", T_PAD=t_pad, E_BLK=router.E_BLOCK,
+                     BLOCK_H=min(512, 8192 // (t_pad * router.E_BLOCK)))
+            k = _compile(router, "_router_kernel", a, 4)
+            print(report(k, f"router.t{t}.e{e}", args.sass))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,14 @@ from runtime.model_weights import LayerWeights
 
 @dataclass(frozen=True)
 class MoEPrepared:
-    """One layer's expert weights in the layout the kernels read (views: no copy, no memory)."""
+    """One layer's expert weights in the layout the kernels read (codes viewed, exponents
+    groups-major)."""
 
     w1: torch.Tensor  # [E, 2I, H/2] u8 codes, gate/linear rows interleaved
-    s1: torch.Tensor  # [E, 2I, H/32] u8 exponents
+    s1: torch.Tensor  # [E, 2I, H/32] u8 exponents, [E, H/32, 2I] storage (groups_major)
     b1: torch.Tensor  # [E, 2I] fp32
     w2: torch.Tensor  # [E, H, I/2] u8
-    s2: torch.Tensor  # [E, H, I/32] u8
+    s2: torch.Tensor  # [E, H, I/32] u8, [E, I/32, H] storage
     b2: torch.Tensor  # [E, H] fp32
     fast_ok: bool = True  # every scale byte ≤ 136: the fp16 fast path is exact (kernels/moe_dequant)
     # GEMM 2's per-N-block arrival counters for the fused combine; kernels leave them at zero.
@@ -53,16 +54,30 @@ def _mxfp4_view(blocks: torch.Tensor, scales: torch.Tensor, name: str
         raise ValueError(f"{name}: expected u8 blocks [E, N, K/32, 16] and u8 scales, got "
                          f"{blocks.dtype} {tuple(blocks.shape)} / {scales.dtype}")
     e, n, g, _ = blocks.shape
-    return blocks.contiguous().view(e, n, g * 16), scales.contiguous()
+    return blocks.contiguous().view(e, n, g * 16), groups_major(scales)
 
 
-def prepare_moe(layer: LayerWeights, check_scales: bool = True) -> MoEPrepared:
-    """Called once at load. The checkpoint layout is already the one the kernels read fastest
-    (each output row's codes contiguous along K), so contiguous weights are only viewed.
+def groups_major(scales: torch.Tensor) -> torch.Tensor:
+    """[E, N, G] exponents with [E, G, N] storage (a view with the same values): one k-step's
+    exponents of a block of rows are then contiguous, so they stream through cp.async with the
+    codes instead of as byte loads that stall every k-step on a DRAM round trip."""
+    if scales.stride(1) == 1:
+        return scales
+    return scales.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def prepare_moe(layer: LayerWeights, check_scales: bool = True,
+                relayout_layer: bool = True) -> MoEPrepared:
+    """Called once at load. Codes stay in the checkpoint layout (each output row's K/2 bytes
+    contiguous: what the kernels read best) and are only viewed; exponents are re-laid out
+    groups-major (groups_major). relayout_layer: the layer's own mlp*_scales become those
+    views too (same values, other strides), so no second copy stays alive.
     check_scales: one host sync to rule out weights the fp16 fast path cannot hold (|w| ≥ 2¹⁰);
     without it (e.g. inside a CUDA graph capture) the fast path is assumed safe."""
     w1, s1 = _mxfp4_view(layer.mlp1_blocks, layer.mlp1_scales, "mlp1")
     w2, s2 = _mxfp4_view(layer.mlp2_blocks, layer.mlp2_scales, "mlp2")
+    if relayout_layer:
+        layer.mlp1_scales, layer.mlp2_scales = s1, s2
     fast_ok = True
     if check_scales and s1.numel():
         fast_ok = max(int(s1.max()), int(s2.max())) <= FAST_MAX_SCALE
@@ -106,9 +121,9 @@ def moe_forward(
     """The MoE block's output [T, H] (before the residual add), in x's dtype."""
     if x.dim() != 2 or x.shape[1] != config.hidden_size:
         raise ValueError(f"moe_forward: x must be [T, {config.hidden_size}], got {tuple(x.shape)}")
-    if prepared is None:  # prepare at load instead: this views (and checks) the weights per call
+    if prepared is None:  # prepare at load instead: this copies the exponents on every call
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        prepared = prepare_moe(layer, check_scales=not capturing)
+        prepared = prepare_moe(layer, check_scales=not capturing, relayout_layer=False)
     p = prepared
     k = config.experts_per_token
     cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
@@ -130,5 +145,6 @@ def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -
     )
 
 
-__all__ = ["DECODE", "DECODE_FEW", "MIDDLE", "PREFILL", "MoEConfig", "MoEPrepared", "choose_config", "moe_experts",
-           "moe_forward", "moe_forward_ref", "prepare_moe", "router_logits"]
+__all__ = ["DECODE", "DECODE_FEW", "MIDDLE", "PREFILL", "MoEConfig", "MoEPrepared",
+           "choose_config", "groups_major", "moe_experts", "moe_forward", "moe_forward_ref",
+           "prepare_moe", "router_logits"]

@@ -32,45 +32,52 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
 
 
+# Every tile moves ≥ 4 exponent bytes per thread per k-step (block_n · block_k/32 ≥ 4 · threads),
+# so the exponents go through cp.async with the codes: byte-wide loads cannot, and a plain load
+# stalled every k-step on a DRAM round trip (first H100 run: ~110 µs for one token, any tile).
 DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True),
                    fuse_combine=True)
-# One or two tokens hit ≤ 8 experts: 64-row programs, and GEMM 2 (2880 rows per expert) splits
-# K, so ≥ 360 programs share the 132 SMs evenly.
-DECODE_FEW = MoEConfig(16, GemmTiles(64, 128, swap_ab=True),
-                       GemmTiles(64, 128, swap_ab=True, split_k=2), fuse_combine=True)
+# One or two tokens hit ≤ 8 experts: 64-row programs (k-steps of 256 for the exponent rule),
+# and GEMM 2 (2880 rows per expert) splits K, so ≥ 360 programs share the 132 SMs evenly.
+DECODE_FEW = MoEConfig(16, GemmTiles(64, 256, swap_ab=True),
+                       GemmTiles(64, 256, swap_ab=True, split_k=2), fuse_combine=True)
 # 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
-MIDDLE = MoEConfig(32, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True))
-# Tensor-core bound: tiles big enough that the dequantization's instructions (~650 warp-
-# instructions per SM per k-step) stay under the wgmma time (~980 clocks per k-step).
-PREFILL = MoEConfig(128, GemmTiles(256, 64, swap_ab=True, num_warps=8),
-                    GemmTiles(128, 128, swap_ab=True, num_warps=8))
+MIDDLE = MoEConfig(32, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
+# 128 tokens × 128 weight rows × k256, 8 warps: ≈ 12 (GEMM 1) / 9.4 (GEMM 2) instructions per
+# weight byte at 128 rows per tile, no spills, 145 KB of shared memory in 2 stages.
+PREFILL = MoEConfig(128, GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=2),
+                    GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=2))
 
 # What bench/moe.py --sweep times (each checked against the oracle first). Kept small: every
 # entry is two or three kernel compiles on the GPU machine, whose time is scarce.
 # (Riskier launch features last: a sticky CUDA error would end the sweep, not its first half.)
 DECODE_CANDIDATES = {
     "d_swap128": DECODE,
+    "d_swap128st4": replace(DECODE, gemm1=replace(DECODE.gemm1, num_stages=4),
+                            gemm2=replace(DECODE.gemm2, num_stages=4)),
     "d_swap128nf": replace(DECODE, fuse_combine=False),
-    "d_swap128st2": replace(DECODE, gemm1=replace(DECODE.gemm1, num_stages=2),
-                            gemm2=replace(DECODE.gemm2, num_stages=2)),
-    "d_swap64": MoEConfig(16, GemmTiles(64, 128, swap_ab=True), GemmTiles(64, 128, swap_ab=True),
-                          fuse_combine=True),
-    "d_swap64s2": DECODE_FEW,
+    "d_swap64k256": DECODE_FEW,
+    "d_swap64k256st2": replace(DECODE_FEW, gemm1=replace(DECODE_FEW.gemm1, num_stages=2),
+                               gemm2=replace(DECODE_FEW.gemm2, num_stages=2)),
+    "d_swap64k256nos": replace(DECODE_FEW, gemm2=replace(DECODE_FEW.gemm2, split_k=1)),
+    # the first run's best (byte-wide exponent loads; kept to show the difference)
+    "d_swap128st1": MoEConfig(16, GemmTiles(128, 128, swap_ab=True, num_stages=1),
+                              GemmTiles(128, 128, swap_ab=True, num_stages=1), fuse_combine=True),
     "d_exact": replace(DECODE_FEW, fast=False),  # the portable dequantization, for scale
     "d_swap128fr": replace(DECODE, fused_router=True),
-    "d_swap64s2fr": replace(DECODE_FEW, fused_router=True),
+    "d_swap64k256fr": replace(DECODE_FEW, fused_router=True),
     "d_swap128pdl": replace(DECODE, pdl=True),
-    "d_swap64s2frpdl": replace(DECODE_FEW, fused_router=True, pdl=True),
+    "d_swap64k256frpdl": replace(DECODE_FEW, fused_router=True, pdl=True),
 }
 PREFILL_CANDIDATES = {
-    "p_mix": PREFILL,
-    "p_swap128": MoEConfig(128, GemmTiles(128, 64, swap_ab=True, num_warps=8),
-                           GemmTiles(128, 64, swap_ab=True, num_warps=8)),
-    "p_swap128k128": MoEConfig(128, GemmTiles(128, 128, swap_ab=True, num_warps=8),
-                               GemmTiles(128, 128, swap_ab=True, num_warps=8)),
-    "p_m128": MoEConfig(128, GemmTiles(128, 64, num_warps=8), GemmTiles(128, 64, num_warps=8)),
+    "p_k256": PREFILL,
+    "p_m64k128": MoEConfig(64, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True)),
     "p_m32": MIDDLE,
-    "p_mixpdl": replace(PREFILL, pdl=True),
+    # the first run's best at 256 and 4096 tokens (byte-wide exponent loads, 2-3 CTAs per SM)
+    "p_swap64": MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True)),
+    "p_mix": MoEConfig(128, GemmTiles(256, 64, swap_ab=True, num_warps=8),
+                       GemmTiles(128, 128, swap_ab=True, num_warps=8)),
+    "p_k256pdl": replace(PREFILL, pdl=True),
 }
 
 

@@ -58,7 +58,7 @@ def _fp4_f32(c):
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-def _w_tile(W, S, w_row, s_row, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
+def _w_tile(W, S, w_row, s_row, smask, stride_sg, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
             MASK_K: tl.constexpr):
     """exact: rows at byte offsets w_row/s_row [BN] (all valid), k0 … k0+BLOCK_K (masked at K
     only with MASK_K) → (even k, odd k) values, each [BN, BLOCK_K/2] in DTYPE."""
@@ -66,14 +66,14 @@ def _w_tile(W, S, w_row, s_row, k0, K, DTYPE: tl.constexpr, BLOCK_K: tl.constexp
     g = tl.arange(0, G)
     b = tl.arange(0, 16)
     cptr = W + w_row[:, None, None] + (k0 // 2 + g * 16)[None, :, None] + b[None, None, :]
-    sptr = S + s_row[:, None] + (k0 // 32 + g)[None, :]
+    sptr = S + s_row[:, None] + ((k0 // 32 + g) * stride_sg)[None, :]  # stride_sg: 1 or N
     if MASK_K:
         kmask = (k0 + g * 32) < K  # [G]
         codes = tl.load(cptr, mask=kmask[None, :, None], other=0).to(tl.int32)  # [BN, G, 16]
-        sc = tl.load(sptr, mask=kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+        sc = tl.load(sptr, mask=smask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
     else:
         codes = tl.load(cptr).to(tl.int32)
-        sc = tl.load(sptr).to(tl.int32)
+        sc = tl.load(sptr, mask=smask[:, None], other=0).to(tl.int32)
     scale = ((tl.minimum(sc, 240) + 14) << 23).to(tl.float32, bitcast=True)[:, :, None]
     lo = (_fp4_f32(codes & 15) * scale).to(DTYPE)
     hi = (_fp4_f32(codes >> 4) * scale).to(DTYPE)
@@ -98,7 +98,7 @@ def _e2m1_x4_emulated(codes):
     return (_fp4_f32(c & 15) * 256.0).to(tl.float16), (_fp4_f32(c >> 4) * 256.0).to(tl.float16)
 
 
-def _w_tile_fast(W, S, w_row, s_row, k0, K, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
+def _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, K, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
                  MASK_K: tl.constexpr):
     """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights; in each
     32-group column c = 16h + 8a₁ + 2t + a₀ holds k = 8t + 2a + h (byte 4t + a, a = 2a₁ + a₀)."""
@@ -109,14 +109,14 @@ def _w_tile_fast(W, S, w_row, s_row, k0, K, BLOCK_K: tl.constexpr, EMULATE: tl.c
     off = (k0 // 2 + g * 16)[None, :, None, None] + (4 * q)[None, None, :, None] \
         + q[None, None, None, :]
     cptr = W + w_row[:, None, None, None] + off
-    sptr = S + s_row[:, None] + (k0 // 32 + g)[None, :]
+    sptr = S + s_row[:, None] + ((k0 // 32 + g) * stride_sg)[None, :]  # stride_sg: 1 or N
     if MASK_K:
         kmask = (k0 + g * 32) < K  # [G]
         codes = tl.load(cptr, mask=kmask[None, :, None, None], other=0)  # [BN, G, 4t, 4a]
-        sc = tl.load(sptr, mask=kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+        sc = tl.load(sptr, mask=smask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
     else:
         codes = tl.load(cptr)
-        sc = tl.load(sptr).to(tl.int32)
+        sc = tl.load(sptr, mask=smask[:, None], other=0).to(tl.int32)
     if EMULATE:
         lo, hi = _e2m1_x4_emulated(codes)
     else:

@@ -53,8 +53,9 @@ def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n
     if w.dtype != torch.uint8 or s.dtype != torch.uint8 or b.dtype != torch.float32:
         raise ValueError(f"{name}: codes/scales/bias dtypes {w.dtype}/{s.dtype}/{b.dtype}, "
                          "expected u8/u8/fp32")
-    if w.stride(2) != 1 or s.stride(2) != 1 or b.stride(1) != 1:
-        raise ValueError(f"{name}: codes, scales and bias need a contiguous last dimension")
+    if w.stride(2) != 1 or b.stride(1) != 1 or 1 not in (s.stride(1), s.stride(2)):
+        raise ValueError(f"{name}: codes and bias need a contiguous last dimension, scales a "
+                         "contiguous row (or group) dimension")
     for t in (w, s, b):
         if t.device != device:
             raise ValueError(f"{name}: weights on {t.device}, activations on {device}")
@@ -104,7 +105,8 @@ def gemm1_swiglu(
         return out
     grid = (plan.max_tiles * triton.cdiv(n2, tiles.block_n),)
     jit["_gemm1_swiglu_kernel"][grid](
-        x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b, b.stride(0),
+        x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), s.stride(2),
+        b, b.stride(0),
         plan.sorted_pair, plan.tile_expert, plan.tile_start, plan.tile_end, out, out.stride(0),
         n2, h, plan.max_tiles, float(alpha), float(limit),
         TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype, fast, x.device, pdl),
@@ -147,8 +149,8 @@ def gemm2_scale(
     cnt = counters if fuse else plan.num_tiles
     grid = (plan.max_tiles * n_blocks * split,)
     jit["_gemm2_scale_kernel"][grid](
-        act, act.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), b,
-        b.stride(0), plan.weights, plan.sorted_pair, plan.tile_expert, plan.tile_start,
+        act, act.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1),
+        s.stride(2), b, b.stride(0), plan.weights, plan.sorted_pair, plan.tile_expert, plan.tile_start,
         plan.tile_end, out, out.stride(0), out.stride(1), h, inter, plan.max_tiles,
         plan.pos, plan.num_tiles, cnt, final, final.stride(-2), rows // top_k, rows,
         BLOCK_M=plan.block_m, SPLIT_K=split, FUSE_COMBINE=fuse, TOPK=top_k,

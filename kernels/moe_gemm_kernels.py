@@ -90,23 +90,25 @@ def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
 
 
 @jit
-def _k_step(A, a_row, W, S, w_row, s_row, k0, k_hi, acc, A_DTYPE: tl.constexpr,
+def _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTYPE: tl.constexpr,
             BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
             FAST: tl.constexpr, EMULATE: tl.constexpr, MASK_K: tl.constexpr):
     if FAST:
         xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
-        w = _w_tile_fast(W, S, w_row, s_row, k0, k_hi, BLOCK_K, EMULATE, MASK_K)
+        w = _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, k_hi, BLOCK_K, EMULATE,
+                         MASK_K)
         acc = _mma1(xa, w, acc, SWAP_AB)
     else:
         ae, ao = _a_tile(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
-        w_lo, w_hi = _w_tile(W, S, w_row, s_row, k0, k_hi, A_DTYPE, BLOCK_K, MASK_K)
+        w_lo, w_hi = _w_tile(W, S, w_row, s_row, smask, stride_sg, k0, k_hi, A_DTYPE,
+                             BLOCK_K, MASK_K)
         acc = _mma(ae, w_lo, acc, SWAP_AB, IEEE)
         acc = _mma(ao, w_hi, acc, SWAP_AB, IEEE)
     return acc
 
 
 @jit
-def _mainloop(A, a_row, W, S, w_row, s_row, k_lo, k_hi, acc,
+def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
               A_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
     """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB). Rows
@@ -114,11 +116,11 @@ def _mainloop(A, a_row, W, S, w_row, s_row, k_lo, k_hi, acc,
     any mask; only a last partial block masks at k_hi."""
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
     for k0 in range(k_lo, k_full, BLOCK_K):
-        acc = _k_step(A, a_row, W, S, w_row, s_row, k0, k_hi, acc, A_DTYPE, BLOCK_K, SWAP_AB,
-                      IEEE, FAST, EMULATE, False)
+        acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTYPE,
+                      BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False)
     if k_full < k_hi:
-        acc = _k_step(A, a_row, W, S, w_row, s_row, k_full, k_hi, acc, A_DTYPE, BLOCK_K,
-                      SWAP_AB, IEEE, FAST, EMULATE, True)
+        acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_full, k_hi, acc,
+                      A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, True)
     return acc
 
 
@@ -132,7 +134,7 @@ def _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M: tl.constexpr):
 
 @jit
 def _gemm1_swiglu_kernel(
-    X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be,
+    X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N2, K, MAX_TILES, alpha, limit,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
@@ -152,13 +154,14 @@ def _gemm1_swiglu_kernel(
     e64 = e.to(tl.int64)
     n2c = tl.minimum(n2, N2 - 1).to(tl.int64)  # rows past N2 re-read the last one, never stored
     w_row = e64 * stride_we + n2c * stride_wn
-    s_row = e64 * stride_se + n2c * stride_sn
+    # scales: unclamped rows + a mask, which keeps them contiguous for vector loads
+    s_row = e64 * stride_se + n2.to(tl.int64) * stride_sn
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _mainloop(X, tok.to(tl.int64) * stride_x, W, S, w_row, s_row, 0, K, acc, DTYPE,
-                    BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
+    acc = _mainloop(X, tok.to(tl.int64) * stride_x, W, S, w_row, s_row, n2 < N2, stride_sg, 0, K,
+                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
     bias = tl.load(B + e64 * stride_be + n2, mask=n2 < N2, other=0.0)
     n = pid_n * HALF + tl.arange(0, HALF)  # swiglu outputs
     if SWAP_AB:
@@ -197,7 +200,7 @@ def _combine_rows(Y, stride_split, stride_y, POS, OUT, stride_o, t0, T, n, nmask
 
 @jit
 def _gemm2_scale_kernel(
-    A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, B, stride_be, RW,
+    A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be, RW,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_split, stride_o, N, K, MAX_TILES,
     POS, NUM_TILES, COUNTERS, FINAL, stride_f, T, ROWS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -223,7 +226,7 @@ def _gemm2_scale_kernel(
     e64 = e.to(tl.int64)
     nc = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read the last one, never stored
     w_row = e64 * stride_we + nc * stride_wn
-    s_row = e64 * stride_se + nc * stride_sn
+    s_row = e64 * stride_se + n.to(tl.int64) * stride_sn  # unclamped + mask: vector loads
     k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = split * k_len
     if SWAP_AB:
@@ -231,8 +234,9 @@ def _gemm2_scale_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_row = tl.minimum(rows, ROWS - 1).to(tl.int64) * stride_a  # in bounds; stores are masked
-    acc = _mainloop(A, a_row, W, S, w_row, s_row, k_lo, tl.minimum(k_lo + k_len, K), acc,
-                    A.dtype.element_ty, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
+    acc = _mainloop(A, a_row, W, S, w_row, s_row, nmask, stride_sg, k_lo,
+                    tl.minimum(k_lo + k_len, K), acc, A.dtype.element_ty, BLOCK_K, SWAP_AB, IEEE,
+                    FAST, EMULATE)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]

@@ -42,7 +42,7 @@ def _router_kernel(
     TILE_END, NUM_TILES, MAX_TILES, COUNTER,
     T_PAD: tl.constexpr, E_BLK: tl.constexpr, BLOCK_H: tl.constexpr,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.arange(0, T_PAD)
@@ -67,7 +67,7 @@ def _router_kernel(
         tl.debug_barrier()
         _route_block(
             0, LOGITS, E, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
-            NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, P_BLOCK, BLOCK_M, BLOCK_I, FUSED,
+            NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, CHUNK, BLOCK_M, BLOCK_I, FUSED,
         )
         tl.store(COUNTER, 0)
 

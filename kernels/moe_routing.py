@@ -31,9 +31,9 @@ from kernels.moe_ref import route_ref
 
 jit = KernelSet(globals())
 
-# One program ranks BLOCK_T·k pairs against all experts at once ([BLOCK_T·k, E] one-hot scan):
-# keep that product near this many elements.
-_RANK_ELEMS = 32768
+# Register budgets (elements of the largest tensors): beyond them the kernels spill.
+_TOPK_ELEMS = 8192  # [BLOCK_T, E] logits of one program's top-k
+_PLACE_ELEMS = 4096  # [CHUNK, max(CHUNK, E)] comparisons of one ranking step
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,12 @@ def max_tiles(tokens: int, top_k: int, num_experts: int, block_m: int) -> int:
 @jit
 def _place_block(
     blk, nblocks, IDS, HIST, POS, SORTED, TK,
-    E_PAD: tl.constexpr, P_BLOCK: tl.constexpr, PAIRS_PER_BLOCK: tl.constexpr,
+    E_PAD: tl.constexpr, CHUNK: tl.constexpr, PAIRS_PER_BLOCK: tl.constexpr,
 ):
-    """Ranks block `blk`'s pairs after every earlier block's; returns the per-expert totals."""
+    """Ranks block `blk`'s pairs after every earlier block's; returns the per-expert totals.
+    CHUNK pairs at a time, each ranked among the chunk's earlier pairs of its expert with a
+    [CHUNK, CHUNK] comparison (reductions only: no scan along a tensor's slow axis, which is
+    what spills)."""
     cols = tl.arange(0, E_PAD)
     totals = tl.zeros([E_PAD], dtype=tl.int32)
     before = tl.zeros([E_PAD], dtype=tl.int32)
@@ -73,15 +76,19 @@ def _place_block(
         h = tl.load(HIST + b * E_PAD + cols)
         totals += h
         before += tl.where(b < blk, h, 0)
-    base = tl.cumsum(totals, axis=0) - totals + before  # [E_PAD] first row of this block's pairs
-    q = blk * PAIRS_PER_BLOCK + tl.arange(0, P_BLOCK)
-    valid = (tl.arange(0, P_BLOCK) < PAIRS_PER_BLOCK) & (q < TK)
-    e = tl.load(IDS + q, mask=valid, other=-1)
-    onehot = (e[:, None] == cols[None, :]).to(tl.int32)  # [P, E_PAD]
-    rank = tl.cumsum(onehot, axis=0) - 1 + base[None, :]
-    row = tl.sum(onehot * rank, axis=1)  # [P]
-    tl.store(POS + q, row, mask=valid)
-    tl.store(SORTED + row, q, mask=valid)
+    base = tl.cumsum(totals, axis=0) - totals + before  # [E_PAD] next row of each expert
+    c = tl.arange(0, CHUNK)
+    earlier = c[None, :] < c[:, None]  # [CHUNK, CHUNK]: column pair precedes row pair
+    for c0 in range(0, PAIRS_PER_BLOCK, CHUNK):
+        q = blk * PAIRS_PER_BLOCK + c0 + c
+        valid = (c0 + c < PAIRS_PER_BLOCK) & (q < TK)
+        e = tl.load(IDS + q, mask=valid, other=-1)
+        rank = tl.sum(((e[None, :] == e[:, None]) & earlier).to(tl.int32), axis=1)  # [CHUNK]
+        onehot = e[:, None] == cols[None, :]  # [CHUNK, E_PAD]
+        row = tl.sum(tl.where(onehot, base[None, :], 0), axis=1) + rank
+        tl.store(POS + q, row, mask=valid)
+        tl.store(SORTED + row, q, mask=valid)
+        base += tl.sum(onehot.to(tl.int32), axis=0)
     return totals
 
 
@@ -119,7 +126,7 @@ def _route_block(
     blk, LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
     NUM_TILES, MAX_TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
 ):
     """Top-k + softmax of token block `blk`, its per-expert counts; FUSED (a single block):
     also the ranks and the tile table."""
@@ -149,9 +156,7 @@ def _route_block(
     tl.store(HIST + blk * E_PAD + cols, hist)
     if FUSED:
         tl.debug_barrier()  # the ids and counts above are read back by other threads
-        totals = _place_block(
-            0, 1, IDS, HIST, POS, SORTED, T * K, E_PAD, P_BLOCK, BLOCK_T * K
-        )
+        totals = _place_block(0, 1, IDS, HIST, POS, SORTED, T * K, E_PAD, CHUNK, BLOCK_T * K)
         _write_tiles(
             totals, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, E, MAX_TILES, E_PAD,
             BLOCK_M, BLOCK_I,
@@ -163,7 +168,7 @@ def _topk_kernel(
     LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
     NUM_TILES, MAX_TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    P_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch: see kernels/moe_gemm_kernels._pdl_start
@@ -171,7 +176,7 @@ def _topk_kernel(
         gdc_launch_dependents()
     _route_block(
         tl.program_id(0), LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E,
-        TILE_START, TILE_END, NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, P_BLOCK, BLOCK_M,
+        TILE_START, TILE_END, NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, CHUNK, BLOCK_M,
         BLOCK_I, FUSED,
     )
 
@@ -180,14 +185,14 @@ def _topk_kernel(
 def _place_kernel(
     IDS, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, nblocks, TK, E,
     MAX_TILES,
-    E_PAD: tl.constexpr, P_BLOCK: tl.constexpr, PAIRS_PER_BLOCK: tl.constexpr,
+    E_PAD: tl.constexpr, CHUNK: tl.constexpr, PAIRS_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     blk = tl.program_id(0)
-    totals = _place_block(blk, nblocks, IDS, HIST, POS, SORTED, TK, E_PAD, P_BLOCK,
+    totals = _place_block(blk, nblocks, IDS, HIST, POS, SORTED, TK, E_PAD, CHUNK,
                           PAIRS_PER_BLOCK)
     if blk == 0:
         _write_tiles(
@@ -203,25 +208,24 @@ class RouteLaunch:
     e_pad: int
     block_t: int
     nblocks: int
-    p_block: int
+    chunk: int  # pairs ranked per step
     block_i: int
     num_warps: int
 
     @classmethod
     def of(cls, t: int, e: int, top_k: int, n_tiles: int) -> RouteLaunch:
         e_pad = triton.next_power_of_2(e)
-        block_t = max(1, min(triton.next_power_of_2(max(t, 1)),
-                             _RANK_ELEMS // (e_pad * triton.next_power_of_2(top_k))))
-        p_block = triton.next_power_of_2(block_t * top_k)
-        elems = p_block * e_pad
-        # Small problems in one warp: the scans and reductions need no cross-warp barriers.
-        return cls(e_pad, block_t, max(1, triton.cdiv(t, block_t)), p_block,
-                   max(16, min(triton.next_power_of_2(n_tiles), _RANK_ELEMS // e_pad)),
-                   1 if elems <= 1024 else 4 if elems <= 8192 else 8)
+        block_t = max(1, min(triton.next_power_of_2(max(t, 1)), _TOPK_ELEMS // e_pad))
+        pairs = triton.next_power_of_2(block_t * top_k)
+        chunk = max(2, min(pairs, 64, _PLACE_ELEMS // e_pad))
+        # Small problems in one warp: the reductions need no cross-warp barriers.
+        return cls(e_pad, block_t, max(1, triton.cdiv(t, block_t)), chunk,
+                   max(16, min(triton.next_power_of_2(n_tiles), _PLACE_ELEMS // e_pad)),
+                   1 if block_t * e_pad <= 1024 else 4)
 
     def constexprs(self, top_k: int, block_m: int) -> dict:
         return dict(K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=self.e_pad,
-                    BLOCK_T=self.block_t, P_BLOCK=self.p_block, BLOCK_M=block_m,
+                    BLOCK_T=self.block_t, CHUNK=self.chunk, BLOCK_M=block_m,
                     BLOCK_I=self.block_i, FUSED=self.nblocks == 1)
 
 
@@ -277,7 +281,7 @@ def route(logits: torch.Tensor, top_k: int, block_m: int, pdl: bool = False) -> 
     if lc.nblocks > 1:
         jit["_place_kernel"][(lc.nblocks,)](
             plan.experts, hist, *plan_outputs(plan), lc.nblocks, t * top_k, e, plan.max_tiles,
-            E_PAD=lc.e_pad, P_BLOCK=lc.p_block, PAIRS_PER_BLOCK=lc.block_t * top_k,
+            E_PAD=lc.e_pad, CHUNK=lc.chunk, PAIRS_PER_BLOCK=lc.block_t * top_k,
             BLOCK_M=block_m, BLOCK_I=lc.block_i, num_warps=lc.num_warps, PDL=pdl,
             launch_pdl=pdl,
         )

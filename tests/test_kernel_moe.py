@@ -79,6 +79,18 @@ def test_every_token_on_one_expert() -> None:
     torch.testing.assert_close(got, moe_forward_ref(x, layer, cfg), rtol=1e-5, atol=1e-5)
 
 
+def test_prepare_relays_exponents_groups_major_without_changing_values() -> None:
+    cfg = tiny(64, 64, 8, 2)
+    layer = random_layer(cfg, 0, seed=4, dtype=torch.float32)
+    before = layer.mlp1_scales.clone()
+    p = prepare_moe(layer)
+    assert p.s1.stride(1) == 1 and layer.mlp1_scales is p.s1  # one copy, groups-major storage
+    assert torch.equal(layer.mlp1_scales, before)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(moe_forward(x, layer, cfg, p), moe_forward_ref(x, layer, cfg),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_no_tokens() -> None:
     cfg = tiny(32, 32, 4, 2)
     layer = random_layer(cfg, 0, dtype=torch.float32)

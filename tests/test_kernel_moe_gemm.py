@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.moe import groups_major
 from kernels.moe_gemm import GemmTiles, combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import swiglu_ref
 from kernels.moe_routing import route_plan_ref
@@ -65,7 +66,7 @@ def test_gemm1_gathers_tokens_and_fuses_bias_and_swiglu(
     codes, scales = random_mxfp4(g, experts, 2 * inter, hidden)
     bias = torch.randn(experts, 2 * inter, generator=g)
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    act = gemm1_swiglu(x, codes, scales, bias, plan, top_k, 1.702, 7.0, tiles, fast)
+    act = gemm1_swiglu(x, codes, groups_major(scales), bias, plan, top_k, 1.702, 7.0, tiles, fast)
     w = dense(codes, scales).to(dtype)
     pair = plan.sorted_pair.long()
     e = plan.experts.reshape(-1).long()[pair]
@@ -96,7 +97,9 @@ def test_gemm2_scales_by_router_weight_and_combine_sums_each_token(
     codes, scales = random_mxfp4(g, experts, hidden, inter)
     bias = torch.randn(experts, hidden, generator=g)
     act = torch.randn(tokens * top_k, inter, generator=g).to(dtype)
-    ys = gemm2_scale(act, codes, scales, bias, plan, tiles, fast)
+    ys = gemm2_scale(act, codes, groups_major(scales), bias, plan, tiles, fast)
+    # the checkpoint's row-major exponents give the same bits
+    assert torch.equal(gemm2_scale(act, codes, scales, bias, plan, tiles, fast), ys)
     assert ys.shape == (tiles.split_k, tokens * top_k, hidden)
     y = ys.sum(0).to(dtype) if tiles.split_k > 1 else ys[0]
     w = dense(codes, scales).to(dtype)
