@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                                                BLOCK_H=256), 4)
     print(report(k, "combine", args.sass))
     # the routing kernels at the batch sizes the bench runs (T, E, BLOCK_M)
-    for t, e, bm in ((1, 32, 16), (8, 32, 16), (64, 128, 16), (256, 32, 32), (256, 128, 16),
+    for t, e, bm in ((1, 32, 16), (8, 32, 16), (64, 32, 16), (64, 128, 16), (256, 32, 32),
+                     (256, 128, 16),
                      (4096, 32, 128), (4096, 128, 128)):
         n_tiles = routing.max_tiles(t, K_TOP, e, bm)
         lc = routing.RouteLaunch.of(t, e, K_TOP, n_tiles)

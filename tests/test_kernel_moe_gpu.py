@@ -105,7 +105,7 @@ def test_triton_kernels_backend_matches_the_reference_when_installed(layer_20b) 
 
 
 @pytest.mark.parametrize("experts", [32, 128])
-@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("tokens", [1, 16, 64])
 def test_fused_router_matches_linear_then_route(tokens: int, experts: int) -> None:
     from kernels.moe_router import route_fused
 

@@ -21,6 +21,7 @@ FIELDS = ("experts", "counts", "pos", "sorted_pair", "tile_expert", "tile_start"
         (16, 128, 4, 64, torch.float32),  # E = 128, the largest batch it takes
         (3, 6, 2, 64, torch.float16),  # E not a multiple of the expert block
         (7, 128, 1, 32, torch.float32),
+        (40, 32, 4, 64, torch.float32),  # several tokens per expert
     ],
 )
 def test_fused_router_gives_the_plan_of_linear_then_route(
