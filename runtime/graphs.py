@@ -45,13 +45,15 @@ class GraphRunner:
         n = self.buckets[-1]
         dev = self.device
 
-        def zeros(dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(n, dtype=dtype, device=dev)
-
-        # static inputs, [n] each
-        self.token_ids, self.positions, self.slot_ids = zeros(torch.long), zeros(torch.long), zeros(torch.long)
-        self.temperature, self.top_p, self.min_p = zeros(torch.float32), zeros(torch.float32), zeros(torch.float32)
-        self.top_k, self.seeds = zeros(torch.long), zeros(torch.long)
+        # Static inputs: one int64 and one fp32 block, so a step uploads them in two copies from
+        # pinned staging buffers. Rows: token id, position, slot, top-k, seed | temperature,
+        # top-p, min-p; [5, n] and [3, n].
+        self.ints = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.floats = torch.zeros(3, n, dtype=torch.float32, device=dev)
+        self._ints_host = torch.zeros(5, n, dtype=torch.long).pin_memory()
+        self._floats_host = torch.zeros(3, n, dtype=torch.float32).pin_memory()
+        self.token_ids, self.positions, self.slot_ids, self.top_k, self.seeds = self.ints
+        self.temperature, self.top_p, self.min_p = self.floats
         self.rows = torch.arange(n, device=dev)
         # static outputs per bucket (each graph writes its own)
         self.out_tokens: dict[int, torch.Tensor] = {}
@@ -123,21 +125,23 @@ class GraphRunner:
     def run(self, works: Sequence[SeqWork]) -> list[SampledToken]:
         n = len(works)
         b = self.bucket_for(n)
-        pad = b - n
+        pad = [0] * (b - n)
         sp = [w.sampling for w in works]
-
-        def load(buf: torch.Tensor, values: list, fill: float | int) -> None:
-            host = torch.tensor(values + [fill] * pad, dtype=buf.dtype)
-            buf[:b].copy_(host, non_blocking=True)
-
-        load(self.token_ids, [w.token_ids[0] for w in works], 0)
-        load(self.positions, [w.start_pos for w in works], 0)
-        load(self.slot_ids, [w.slot for w in works], self.dummy_slot)
-        load(self.temperature, [s.temperature for s in sp], 1.0)
-        load(self.top_k, [s.top_k for s in sp], 0)
-        load(self.top_p, [s.top_p for s in sp], 1.0)
-        load(self.min_p, [s.min_p for s in sp], 0.0)
-        load(self.seeds, [seed_to_int64(s.seed) for s in sp], 0)
+        # The staging buffers are free again: the previous step ended by reading its tokens.
+        self._ints_host[:, :b] = torch.tensor([
+            [w.token_ids[0] for w in works] + pad,
+            [w.start_pos for w in works] + pad,
+            [w.slot for w in works] + [self.dummy_slot] * (b - n),
+            [s.top_k for s in sp] + pad,
+            [seed_to_int64(s.seed) for s in sp] + pad,
+        ], dtype=torch.long)
+        self._floats_host[:, :b] = torch.tensor([
+            [s.temperature for s in sp] + [1.0] * (b - n),
+            [s.top_p for s in sp] + [1.0] * (b - n),
+            [s.min_p for s in sp] + pad,
+        ], dtype=torch.float32)
+        self.ints[:, :b].copy_(self._ints_host[:, :b], non_blocking=True)
+        self.floats[:, :b].copy_(self._floats_host[:, :b], non_blocking=True)
         self.graphs[b].replay()
         self.replays += 1
         tokens = self.out_tokens[b][:n].tolist()
