@@ -28,7 +28,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 if [ "${TESTS:-1}" != 0 ]; then
   echo "== GPU tests (pytest -m gpu tests/test_kernel_moe*.py) =="
-  timeout 270 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_moe.py \
+  timeout 270 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_moe.py tests/test_kernel_moe_gemv.py \
     tests/test_kernel_moe_gpu.py >"$OUT/moe_tests.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$OUT/moe_tests.log"
 fi

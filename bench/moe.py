@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.moe import moe_forward, prepare_moe, router_logits
+from kernels.moe import moe_experts, moe_forward, prepare_moe, router_logits
 from kernels.moe_configs import MoEConfig, candidates, choose_config
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import experts_ref
@@ -146,6 +146,14 @@ def stages_us(cfg: ModelConfig, layers: list[LayerWeights], prepared: list, x: t
     k, t = cfg.experts_per_token, x.shape[0]
     logits = [router_logits(x, la) for la in layers]
     plans = [route(lg, k, mc.block_m) for lg in logits]
+    if mc.gemv is not None:  # the GEMV path's three launches timed together
+        n = len(layers)
+        return {
+            "router": timed(lambda j: router_logits(x, layers[j % n]), t),
+            "route": timed(lambda j: route(logits[j % n], k, mc.block_m), t),
+            "gemv": timed(lambda j: moe_experts(x, plans[j % n], prepared[j % n], k, mc,
+                                                cfg.swiglu_alpha, cfg.swiglu_limit), t),
+        }
     fast = mc.fast and prepared[0].fast_ok
     acts = [gemm1_swiglu(x, p.w1, p.s1, p.b1, pl, k, cfg.swiglu_alpha, cfg.swiglu_limit,
                          mc.gemm1, fast) for p, pl in zip(prepared, plans, strict=True)]

@@ -23,9 +23,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.moe_gemm_kernels as gemm
+import kernels.moe_gemv as gemv
 import kernels.moe_router as router
 import kernels.moe_routing as routing
-from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
+from kernels.moe_configs import (
+    DECODE_CANDIDATES,
+    GEMV_CANDIDATES,
+    PREFILL_CANDIDATES,
+    MoEConfig,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -127,6 +133,41 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                 TOPK=K_TOP, COMBINE_T=8), t
 
 
+def gemv_args(which: int) -> dict[str, object]:
+    """Runtime arguments of the GEMV kernels (lower-case sizes: not specialized as constants,
+    as at a real launch); scales groups-major unless --row-scales."""
+    if which == 1:
+        g1 = HID // 32
+        sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)
+        return dict(X="*bf16", stride_x=HID, W="*u8", stride_we=INTER * HID, stride_wn=HID // 2,
+                    S="*u8", stride_se=2 * INTER * g1, stride_sn=sn, stride_sg=sg, B="*fp32",
+                    stride_be=2 * INTER, EXPERTS="*i32", ACT="*bf16", stride_a=INTER,
+                    n2=2 * INTER, k_dim=HID, n_pairs=4, alpha=1.702, limit=7.0, TOPK=K_TOP)
+    g2 = INTER // 32
+    sn, sg = (g2, 1) if ROW_SCALES else (1, HID)
+    return dict(A="*bf16", stride_a=INTER, W="*u8", stride_we=HID * INTER // 2,
+                stride_wn=INTER // 2, S="*u8", stride_se=HID * g2, stride_sn=sn, stride_sg=sg,
+                EXPERTS="*i32", PART="*fp32", stride_ps=4 * HID, stride_pp=HID, n_rows=HID,
+                k_dim=INTER, n_pairs=4, k_per_split=INTER // 2)
+
+
+def report_gemv(name: str, mc: MoEConfig, sass_dir: Path | None) -> None:
+    assert mc.gemv is not None
+    for which, kname, t in ((1, "_gemv1_swiglu_kernel", mc.gemv.gemm1),
+                            (2, "_gemv2_kernel", mc.gemv.gemm2)):
+        a = dict(gemv_args(which), BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+        if which == 2:
+            a["SPLIT_K"] = t.split_k
+        try:
+            k = _compile(gemv, kname, a, t.num_warps, t.num_stages)
+            print(report(k, f"{name}.gemv{which}", sass_dir, t.block_n * t.block_k // 2),
+                  flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            msg = str(exc).strip().splitlines()
+            print(f"{name}.gemv{which}: FAILED {type(exc).__name__}: " + " | ".join(msg[-3:]),
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="all", help="all, or comma-separated names")
@@ -137,10 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global ROW_SCALES
     ROW_SCALES = args.row_scales
-    configs = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES}
+    configs = {**GEMV_CANDIDATES, **DECODE_CANDIDATES, **PREFILL_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():
+        if mc.gemv is not None:
+            report_gemv(name, mc, args.sass)
+            continue
         for which, kname in ((1, "_gemm1_swiglu_kernel"), (2, "_gemm2_scale_kernel")):
             a, t = gemm_args(mc, which, fast=mc.fast and not args.exact)
             try:

@@ -19,8 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.moe_configs import DECODE, DECODE_FEW, MIDDLE, PREFILL, MoEConfig, choose_config
+from kernels.moe_configs import (
+    DECODE,
+    DECODE_FEW,
+    GEMV,
+    MIDDLE,
+    PREFILL,
+    MoEConfig,
+    choose_config,
+)
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
+from kernels.moe_gemv import GEMV_MAX_SCALE, moe_gemv
 from kernels.moe_ref import moe_ref
 from kernels.moe_router import fits, route_fused
 from kernels.moe_routing import RoutingPlan, route
@@ -40,6 +49,7 @@ class MoEPrepared:
     s2: torch.Tensor  # [E, H, I/32] u8, [E, I/32, H] storage
     b2: torch.Tensor  # [E, H] fp32
     fast_ok: bool = True  # every scale byte ≤ 136: the fp16 fast path is exact (kernels/moe_dequant)
+    gemv_ok: bool = True  # every scale byte ≤ 240: the GEMV path is exact (kernels/moe_gemv)
     # GEMM 2's per-N-block arrival counters for the fused combine; kernels leave them at zero.
     counters: torch.Tensor | None = None
 
@@ -78,12 +88,14 @@ def prepare_moe(layer: LayerWeights, check_scales: bool = True,
     w2, s2 = _mxfp4_view(layer.mlp2_blocks, layer.mlp2_scales, "mlp2")
     if relayout_layer:
         layer.mlp1_scales, layer.mlp2_scales = s1, s2
-    fast_ok = True
+    fast_ok = gemv_ok = True
     if check_scales and s1.numel():
-        fast_ok = max(int(s1.max()), int(s2.max())) <= FAST_MAX_SCALE
+        top = max(int(s1.max()), int(s2.max()))
+        fast_ok, gemv_ok = top <= FAST_MAX_SCALE, top <= GEMV_MAX_SCALE
     return MoEPrepared(
         w1=w1, s1=s1, b1=layer.mlp1_bias.float().contiguous(),
         w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(), fast_ok=fast_ok,
+        gemv_ok=gemv_ok,
         counters=torch.zeros(COUNTERS, dtype=torch.int32, device=w1.device),
     )
 
@@ -99,6 +111,9 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
                 cfg: MoEConfig, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """The experts of a routed batch: x [T, H] → [T, H] (kernels/moe_ref.experts_ref)."""
     p = prepared
+    if cfg.gemv is not None and p.gemv_ok:
+        return moe_gemv(x, plan.experts, plan.weights, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2,
+                        cfg.gemv, alpha, limit)
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     pdl = cfg.pdl
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast, pdl)
@@ -145,6 +160,6 @@ def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -
     )
 
 
-__all__ = ["DECODE", "DECODE_FEW", "MIDDLE", "PREFILL", "MoEConfig", "MoEPrepared",
+__all__ = ["DECODE", "DECODE_FEW", "GEMV", "MIDDLE", "PREFILL", "MoEConfig", "MoEPrepared",
            "choose_config", "groups_major", "moe_experts", "moe_forward", "moe_forward_ref",
            "prepare_moe", "router_logits"]

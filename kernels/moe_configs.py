@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from kernels.moe_gemm import GemmTiles
+from kernels.moe_gemv import GemvConfig, GemvTiles
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class MoEConfig:
     fuse_combine: bool = False  # GEMM 2's last program per N block sums the tokens' rows
     pdl: bool = False  # programmatic dependent launch between the Triton kernels (sm_90+)
     fused_router: bool = False  # router GEMV + routing in one launch (kernels/moe_router.py)
+    # Small batches: per-(token, expert) GEMVs (kernels/moe_gemv.py) instead of the tile GEMMs
+    # (which stay the fallback where the weights' scales are out of the GEMV's exact range).
+    gemv: GemvConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -41,6 +45,10 @@ DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, sw
 # and GEMM 2 (2880 rows per expert) splits K, so ≥ 360 programs share the 132 SMs evenly.
 DECODE_FEW = MoEConfig(16, GemmTiles(64, 256, swap_ab=True),
                        GemmTiles(64, 256, swap_ab=True, split_k=2), fuse_combine=True)
+# ≤ 16 (token, expert) pairs: one short GEMV program per (pair, 32 weight rows), 1440 + 720
+# programs for one token of 20b (vs 360 long ones): see notes/moe.md "GEMV path".
+GEMV = replace(DECODE_FEW, gemv=GemvConfig(GemvTiles(32, 256), GemvTiles(32, 256, split_k=2)))
+GEMV_MAX_PAIRS = 16
 # 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
 MIDDLE = MoEConfig(32, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
 # 128 tokens × 128 weight rows × k256, 8 warps: ≈ 12 (GEMM 1) / 9.4 (GEMM 2) instructions per
@@ -51,6 +59,16 @@ PREFILL = MoEConfig(128, GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stag
 # What bench/moe.py --sweep times (each checked against the oracle first). Kept small: every
 # entry is two or three kernel compiles on the GPU machine, whose time is scarce.
 # (Riskier launch features last: a sticky CUDA error would end the sweep, not its first half.)
+GEMV_CANDIDATES = {
+    "g_n32k256": GEMV,
+    "g_n16k512": replace(GEMV, gemv=GemvConfig(GemvTiles(16, 512), GemvTiles(16, 512, split_k=2))),
+    "g_n64k256w8": replace(GEMV, gemv=GemvConfig(GemvTiles(64, 256, num_warps=8),
+                                                 GemvTiles(64, 256, num_warps=8, split_k=2))),
+    "g_n32k128nos": replace(GEMV, gemv=GemvConfig(GemvTiles(32, 128), GemvTiles(32, 128))),
+    "g_n32k256s4": replace(GEMV, gemv=GemvConfig(GemvTiles(32, 256),
+                                                 GemvTiles(32, 256, split_k=4))),
+    "g_n32k256fr": replace(GEMV, fused_router=True),
+}
 DECODE_CANDIDATES = {
     "d_swap128": DECODE,
     "d_swap128st4": replace(DECODE, gemm1=replace(DECODE.gemm1, num_stages=4),
@@ -85,6 +103,8 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
     """The configs worth timing for this batch (both families in between)."""
     rows = tokens * top_k / num_experts
     out: dict[str, MoEConfig] = {}
+    if tokens * top_k <= 2 * GEMV_MAX_PAIRS:  # measured a little past the default cut-over
+        out.update(GEMV_CANDIDATES)
     if rows <= 32:
         out.update(DECODE_CANDIDATES)
     if rows >= 4:
@@ -95,10 +115,10 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     """By the average rows per expert: decode tiles up to 16, 32-row tiles up to 48, then
-    prefill tiles (and the few-experts decode config for one or two tokens)."""
+    prefill tiles; GEMVs up to GEMV_MAX_PAIRS (token, expert) pairs."""
     rows = tokens * top_k / num_experts
-    if tokens * top_k <= 8:
-        return DECODE_FEW
+    if tokens * top_k <= GEMV_MAX_PAIRS:
+        return GEMV
     if rows <= 16:
         return DECODE
     return MIDDLE if rows <= 48 else PREFILL

@@ -17,5 +17,6 @@ def test_smoke_run_writes_one_result_line_per_token_count(tmp_path: Path, capsys
     for r in lines:
         assert r["bench"] == "moe" and r["shape"] == "smoke" and r["device"] == "cpu-smoke"
         assert r["us"] > 0 and r["roofline_us"] > 0 and r["commit"] and r["date"]
-        assert set(r["stages_us"]) == {"router", "route", "gemm1", "gemm2", "combine"}
+        tile_path = {"router", "route", "gemm1", "gemm2", "combine"}
+        assert set(r["stages_us"]) in (tile_path, {"router", "route", "gemv"})  # small T: GEMV
     assert "== MoE layer summary ==" in capsys.readouterr().out

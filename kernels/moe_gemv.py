@@ -1,0 +1,240 @@
+"""Small-batch MoE on MXFP4 weights: one GEMV per (token, expert) pair, no tensor cores.
+
+For a few tokens the layer is a pure weight stream (13.2 MB per hit expert of gpt-oss); the tile
+GEMMs (kernels/moe_gemm.py) walked K in long dependent loops over a few hundred programs and sat
+at ~6× the bandwidth roofline whatever the tile. Here every (pair p = t·k + j, block of BLOCK_N
+weight rows[, K split]) is its own short program: ~1000+ programs at one token, each streaming
+[BLOCK_N, BLOCK_K/2] code bytes per step with 16-byte loads (one MXFP4 group per thread).
+
+    GEMM 1:  h[p] = round_x(x[t]·W1[e]ᵀ) + b1[e];  act[p] = round_x(swiglu(h[0::2], h[1::2]))
+    GEMM 2:  part[s, p] = act[p, K_s]·W2[e, :, K_s]ᵀ                                    fp32
+    combine: out[t] = Σ_j w[t, j]·(round_x(Σ_s part[s, t·k + j]) + b2[e_tj])           x's dtype
+(round_x: rounded to x's dtype, as torch's matmul is in kernels/moe_ref.py.) Fixed-order sums:
+deterministic. Grids depend on (T, k, shapes) only, experts are read on the device from the
+routing's [T, k] table: capturable in a CUDA graph.
+
+Dequantization without a table: code c → fp16 bits ((c & 8) << 12) | ((c & 7) << 9) is exactly
+fp4(c)·2⁻¹⁴ (fp16 subnormals line up with e2m1's), widened to fp32 and multiplied by x; the
+group's 2^(s − 127)·2¹⁴ = 2^(s − 113) (fp32 bits (s + 14) << 23) multiplies the group's partial
+sum, not each element. Exact for every scale byte ≤ 240 (|w| ≤ 6·2¹¹³); prepare_moe's
+`gemv_ok` sends anything else to the tile path's exact dequantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.jit import KernelSet
+
+jit = KernelSet(globals())
+
+GEMV_MAX_SCALE = 240
+
+
+@jit
+def _x_pairs(X, x_row, g, NG: tl.constexpr, MASK: tl.constexpr, k_dim):
+    """x[x_row, 32g + 2i] and x[x_row, 32g + 2i + 1] for the groups g: [NG, 16] each, fp32
+    (one contiguous [NG, 32] load, split in registers)."""
+    offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]  # [NG, 32]
+    if MASK:
+        xv = tl.load(X + x_row + offs, mask=offs < k_dim, other=0.0)
+    else:
+        xv = tl.load(X + x_row + offs)
+    xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NG, 16, 2)))
+    return xe, xo
+
+
+@jit
+def _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
+               BLOCK_K: tl.constexpr, MASK: tl.constexpr):
+    """acc[BN, NG] += per-group sums of W[rows, k0:k0+BLOCK_K]·x[k0:k0+BLOCK_K], scaled."""
+    NG: tl.constexpr = BLOCK_K // 32
+    g = k0 // 32 + tl.arange(0, NG)  # [NG] group index
+    byte = g[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # [1, NG, 16]
+    if MASK:
+        gm = g < k_dim // 32
+        codes = tl.load(W + w_rows[:, None, None] + byte, mask=gm[None, :, None], other=0)
+        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg, mask=gm[None, :], other=0)
+    else:
+        codes = tl.load(W + w_rows[:, None, None] + byte)  # [BN, NG, 16] u8
+        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg)  # [BN, NG] u8
+    xe, xo = _x_pairs(X, x_row, g, NG, MASK, k_dim)
+    b = codes.to(tl.int16)
+    lo = ((b & 8) << 12) | ((b & 7) << 9)  # low nibble: k = 2i
+    hi = ((b & 0x80) << 8) | ((b & 0x70) << 5)  # high nibble: k = 2i + 1
+    wlo = lo.to(tl.float16, bitcast=True).to(tl.float32)  # fp4 · 2⁻¹⁴
+    whi = hi.to(tl.float16, bitcast=True).to(tl.float32)
+    part = tl.sum(wlo * xe[None, :, :] + whi * xo[None, :, :], axis=2)  # [BN, NG]
+    scale = ((sc.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s − 113)
+    return acc + part * scale
+
+
+@jit
+def _gemv_rows(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, k_dim,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ over k_lo…k_hi (multiples of 32; k_hi ≤ k_dim) of W[rows, k]·x[k] → [BLOCK_N] fp32.
+    Whole steps load without masks (rows are clamped in bounds by the callers)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc = _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K, False)
+    if k_full < k_hi:
+        acc = _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k_full, k_hi, acc,
+                         BLOCK_K, True)
+    return tl.sum(acc, axis=1)
+
+
+@jit
+def _gemv1_swiglu_kernel(
+    X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
+    EXPERTS, ACT, stride_a, n2, k_dim, n_pairs, alpha, limit,
+    TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (pair, block of BLOCK_N interleaved gate/linear rows) → act[pair, BLOCK_N/2]."""
+    pid = tl.program_id(0)
+    pair = pid % n_pairs  # pairs fastest: pairs sharing an expert read its rows from L2
+    nb = pid // n_pairs
+    e = tl.load(EXPERTS + pair).to(tl.int64)
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, n2 - 1)
+    h = _gemv_rows(X, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,
+                   rows_c.to(tl.int64) * stride_wn, S + e * stride_se, rows_c * stride_sn,
+                   stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K)
+    h = h.to(X.dtype.element_ty).to(tl.float32) + tl.load(B + e * stride_be + rows_c)
+    gate, lin = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
+    gate = tl.minimum(gate, limit)
+    lin = tl.minimum(tl.maximum(lin, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    cols = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(ACT + pair.to(tl.int64) * stride_a + cols, act.to(ACT.dtype.element_ty),
+             mask=cols < n2 // 2)
+
+
+@jit
+def _gemv2_kernel(
+    A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
+    EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
+    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias)."""
+    pid = tl.program_id(0)
+    pair = pid % n_pairs
+    split = (pid // n_pairs) % SPLIT_K
+    nb = pid // (n_pairs * SPLIT_K)
+    e = tl.load(EXPERTS + pair).to(tl.int64)
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, n_rows - 1)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, k_dim)
+    y = _gemv_rows(A, pair.to(tl.int64) * stride_a, W + e * stride_we,
+                   rows_c.to(tl.int64) * stride_wn, S + e * stride_se, rows_c * stride_sn,
+                   stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K)
+    tl.store(PART + split * stride_ps + pair.to(tl.int64) * stride_pp + rows, y, mask=rows < n_rows)
+
+
+@jit
+def _gemv_combine_kernel(
+    PART, stride_ps, stride_pp, EXPERTS, WEIGHTS, B, stride_be, OUT, stride_o, n_rows,
+    TOPK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t, cols] = Σ_j w[t, j]·(round(Σ_s part[s, t·k + j, cols]) + b2[e_tj, cols])."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cm = cols < n_rows
+    out = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        pair = t * TOPK + j
+        e = tl.load(EXPERTS + pair).to(tl.int64)
+        y = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            y += tl.load(PART + s * stride_ps + pair.to(tl.int64) * stride_pp + cols, mask=cm,
+                         other=0.0)
+        y = y.to(OUT.dtype.element_ty).to(tl.float32)
+        y += tl.load(B + e * stride_be + cols, mask=cm, other=0.0)
+        out += tl.load(WEIGHTS + pair) * y
+    tl.store(OUT + t.to(tl.int64) * stride_o + cols, out.to(OUT.dtype.element_ty), mask=cm)
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemvTiles:
+    """One GEMV launch: BLOCK_N weight rows per program (GEMM 1: interleaved gate/linear rows,
+    even), BLOCK_K per step (≥ 32, a power of two), K split over SPLIT_K programs (GEMM 2)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvTiles.{name} must be a power of two, got {v}")
+        if self.block_n < 2 or self.block_k < 32 or self.num_stages < 1 or self.split_k < 1:
+            raise ValueError(f"GemvTiles: block_n ≥ 2, block_k ≥ 32, stages/split ≥ 1: {self}")
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    gemm1: GemvTiles
+    gemm2: GemvTiles
+
+
+def _launch(tiles: GemvTiles) -> dict:
+    return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages)
+
+
+def moe_gemv(
+    x: torch.Tensor,  # [T, H] activations
+    experts: torch.Tensor,  # [T, k] int32 expert ids (the routing's)
+    weights: torch.Tensor,  # [T, k] fp32 router weights
+    w1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor,  # [E, 2I, H/2] u8, [E, 2I, H/32], [E, 2I]
+    w2: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32], [E, H]
+    cfg: GemvConfig, alpha: float = 1.702, limit: float = 7.0,
+) -> torch.Tensor:
+    """The experts of a routed batch by GEMVs: → [T, H] in x's dtype (kernels/moe_ref.experts_ref).
+    Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine), grids fixed by (T, k, shapes)."""
+    t, h = x.shape
+    top_k = experts.shape[1]
+    n2, inter = w1.shape[1], w2.shape[2] * 2
+    if (x.stride(1) != 1 or experts.shape != (t, top_k) or weights.shape != (t, top_k)
+            or w1.shape[2] * 2 != h or w2.shape[1] != h or n2 != 2 * inter or h % 32 or inter % 32):
+        raise ValueError(f"moe_gemv: shapes x {tuple(x.shape)}, experts {tuple(experts.shape)}, "
+                         f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} disagree")
+    if cfg.gemm1.block_n % 2:
+        raise ValueError("moe_gemv: GEMM 1 needs an even block_n (gate/linear pairs)")
+    out = torch.empty_like(x)
+    pairs = t * top_k
+    if pairs == 0:
+        return out
+    ex = experts.contiguous().view(-1).to(torch.int32)
+    wt = weights.contiguous().view(-1).float()
+    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    g1 = cfg.gemm1
+    jit["_gemv1_swiglu_kernel"][(pairs * triton.cdiv(n2, g1.block_n),)](
+        x, x.stride(0), w1, w1.stride(0), w1.stride(1), s1, s1.stride(0), s1.stride(1),
+        s1.stride(2), b1, b1.stride(0), ex, act, act.stride(0), n2, h, pairs, float(alpha),
+        float(limit), TOPK=top_k, **_launch(g1),
+    )
+    g2 = cfg.gemm2
+    split = g2.split_k
+    k_per_split = triton.cdiv(inter // 32, split) * 32
+    part = torch.empty(split, pairs, h, dtype=torch.float32, device=x.device)
+    jit["_gemv2_kernel"][(pairs * split * triton.cdiv(h, g2.block_n),)](
+        act, act.stride(0), w2, w2.stride(0), w2.stride(1), s2, s2.stride(0), s2.stride(1),
+        s2.stride(2), ex, part, part.stride(0), part.stride(1), h, inter, pairs, k_per_split,
+        SPLIT_K=split, **_launch(g2),
+    )
+    block_h = min(1024, triton.next_power_of_2(h))
+    jit["_gemv_combine_kernel"][(t, triton.cdiv(h, block_h))](
+        part, part.stride(0), part.stride(1), ex, wt, b2, b2.stride(0), out, out.stride(0), h,
+        TOPK=top_k, SPLIT_K=split, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
