@@ -39,16 +39,24 @@ class MoEConfig:
 # Every tile moves ≥ 4 exponent bytes per thread per k-step (block_n · block_k/32 ≥ 4 · threads),
 # so the exponents go through cp.async with the codes: byte-wide loads cannot, and a plain load
 # stalled every k-step on a DRAM round trip (first H100 run: ~110 µs for one token, any tile).
-DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True),
-                   fuse_combine=True)
+# One pipeline stage measured fastest on the H100 (2026-11-25: 449 vs 482 µs at 64 tokens of 20b,
+# 1299 vs 1629 µs at 64 tokens of 120b; bench/results/moe.jsonl).
+DECODE = MoEConfig(16, GemmTiles(128, 128, swap_ab=True, num_stages=1),
+                   GemmTiles(128, 128, swap_ab=True, num_stages=1), fuse_combine=True)
 # One or two tokens hit ≤ 8 experts: 64-row programs (k-steps of 256 for the exponent rule),
 # and GEMM 2 (2880 rows per expert) splits K, so ≥ 360 programs share the 132 SMs evenly.
 DECODE_FEW = MoEConfig(16, GemmTiles(64, 256, swap_ab=True),
                        GemmTiles(64, 256, swap_ab=True, split_k=2), fuse_combine=True)
-# ≤ 16 (token, expert) pairs: one short GEMV program per (pair, 32 weight rows), 1440 + 720
+# Few (token, expert) pairs: one short GEMV program per (pair, 32 weight rows), 1440 + 720
 # programs for one token of 20b (vs 360 long ones): see notes/moe.md "GEMV path".
 GEMV = replace(DECODE_FEW, gemv=GemvConfig(GemvTiles(32, 256), GemvTiles(32, 256, split_k=2)))
-GEMV_MAX_PAIRS = 16
+# Measured on the H100 (2026-11-25, bench/results/moe.jsonl): ≤ 8 pairs, 16-row k512 programs
+# (62 µs vs 67 for one token of 20b); up to 32 pairs, 32-row k128 programs without a K split
+# (296 µs vs 303 for the tile path at 8 tokens of 20b, 302 vs 418 for 120b).
+GEMV_FEW = replace(GEMV, gemv=GemvConfig(GemvTiles(16, 512), GemvTiles(16, 512, split_k=2)))
+GEMV_MANY = replace(GEMV, gemv=GemvConfig(GemvTiles(32, 128), GemvTiles(32, 128)))
+GEMV_FEW_PAIRS = 8
+GEMV_MAX_PAIRS = 32
 # 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
 MIDDLE = MoEConfig(32, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
 # 128 tokens × 128 weight rows × k256, 8 warps: ≈ 12 (GEMM 1) / 9.4 (GEMM 2) instructions per
@@ -61,10 +69,10 @@ PREFILL = MoEConfig(128, GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stag
 # (Riskier launch features last: a sticky CUDA error would end the sweep, not its first half.)
 GEMV_CANDIDATES = {
     "g_n32k256": GEMV,
-    "g_n16k512": replace(GEMV, gemv=GemvConfig(GemvTiles(16, 512), GemvTiles(16, 512, split_k=2))),
+    "g_n16k512": GEMV_FEW,
     "g_n64k256w8": replace(GEMV, gemv=GemvConfig(GemvTiles(64, 256, num_warps=8),
                                                  GemvTiles(64, 256, num_warps=8, split_k=2))),
-    "g_n32k128nos": replace(GEMV, gemv=GemvConfig(GemvTiles(32, 128), GemvTiles(32, 128))),
+    "g_n32k128nos": GEMV_MANY,
     "g_n32k256s4": replace(GEMV, gemv=GemvConfig(GemvTiles(32, 256),
                                                  GemvTiles(32, 256, split_k=4))),
     "g_n32k256fr": replace(GEMV, fused_router=True),
@@ -79,8 +87,8 @@ DECODE_CANDIDATES = {
                                gemm2=replace(DECODE_FEW.gemm2, num_stages=2)),
     "d_swap64k256nos": replace(DECODE_FEW, gemm2=replace(DECODE_FEW.gemm2, split_k=1)),
     # the first run's best (byte-wide exponent loads; kept to show the difference)
-    "d_swap128st1": MoEConfig(16, GemmTiles(128, 128, swap_ab=True, num_stages=1),
-                              GemmTiles(128, 128, swap_ab=True, num_stages=1), fuse_combine=True),
+    "d_swap128st2": replace(DECODE, gemm1=replace(DECODE.gemm1, num_stages=2),
+                            gemm2=replace(DECODE.gemm2, num_stages=2)),
     "d_exact": replace(DECODE_FEW, fast=False),  # the portable dequantization, for scale
     "d_swap128fr": replace(DECODE, fused_router=True),
     "d_swap64k256fr": replace(DECODE_FEW, fused_router=True),
@@ -117,8 +125,9 @@ def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     """By the average rows per expert: decode tiles up to 16, 32-row tiles up to 48, then
     prefill tiles; GEMVs up to GEMV_MAX_PAIRS (token, expert) pairs."""
     rows = tokens * top_k / num_experts
-    if tokens * top_k <= GEMV_MAX_PAIRS:
-        return GEMV
+    pairs = tokens * top_k
+    if pairs <= GEMV_MAX_PAIRS:
+        return GEMV_FEW if pairs <= GEMV_FEW_PAIRS else GEMV_MANY
     if rows <= 16:
         return DECODE
     return MIDDLE if rows <= 48 else PREFILL
