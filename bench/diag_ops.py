@@ -1,0 +1,88 @@
+"""Diagnostic: run the tiny model with every op computed by both backends, print each op's error.
+
+    python -m bench.diag_ops [--dtype bfloat16]
+
+Each op runs TorchOps and TritonOps on the same inputs (caches cloned for the Triton side) and the
+torch result flows on, so the first op that disagrees stands out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from runtime.batch import build_batch
+from runtime.config import preset
+from runtime.kv_cache import CacheShape, KVCache
+from runtime.model import Model
+from runtime.ops import TorchOps
+from runtime.ops_triton import TritonOps
+from runtime.synthetic import random_weights
+from runtime.types import SeqWork, StepPlan
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+class BothOps:
+    name = "both"
+
+    def __init__(self) -> None:
+        self.t, self.g = TorchOps(), TritonOps()
+        self.log: list[str] = []
+
+    def prepare(self, weights) -> None:  # noqa: ANN001
+        self.g.prepare(weights)
+
+    def rmsnorm(self, x, scale, eps, residual):  # noqa: ANN001, ANN201
+        a = self.t.rmsnorm(x, scale, eps, residual)
+        b = self.g.rmsnorm(x, scale, eps, residual)
+        self.log.append(f"rmsnorm {rel(b[0], a[0]):.1e} resid {rel(b[1], a[1]):.1e}")
+        return a
+
+    def rope_cache_write(self, q, k, v, cos, sin, batch, kc, vc):  # noqa: ANN001, ANN201
+        kc2, vc2 = kc.clone(), vc.clone()
+        a = self.t.rope_cache_write(q, k, v, cos, sin, batch, kc, vc)
+        b = self.g.rope_cache_write(q, k, v, cos, sin, batch, kc2, vc2)
+        self.log.append(f"rope q {rel(b, a):.1e} kcache {rel(kc2, kc):.1e} vcache {rel(vc2, vc):.1e}")
+        return a
+
+    def attention(self, q, kc, vc, batch, sinks, window, scale):  # noqa: ANN001, ANN201
+        a = self.t.attention(q, kc, vc, batch, sinks, window, scale)
+        b = self.g.attention(q, kc, vc, batch, sinks, window, scale)
+        self.log.append(f"attention(w={window}, decode={batch.decode_only}) {rel(b, a):.1e}")
+        return a
+
+    def moe(self, x, layer, config):  # noqa: ANN001, ANN201
+        a = self.t.moe(x, layer, config)
+        b = self.g.moe(x, layer, config)
+        self.log.append(f"moe T={x.shape[0]} {rel(b, a):.1e}")
+        return a
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    cfg = preset("tiny")
+    w = random_weights(cfg, seed=20250805, device="cuda", dtype=dtype)
+    cache = KVCache(cfg, CacheShape(4, 256, 64), "cuda", dtype)
+    ops = BothOps()
+    model = Model(w, cache, 256, ops=ops)
+    plans = [
+        StepPlan((SeqWork(0, (3,), 0, True),)),
+        StepPlan((SeqWork(0, (5,), 1, True),)),
+        StepPlan((SeqWork(1, tuple(range(3, 40)), 0, True), SeqWork(0, (7,), 2, True))),
+    ]
+    for i, plan in enumerate(plans):
+        ops.log.clear()
+        model.forward(build_batch(plan, "cuda"))
+        print(f"--- step {i}: " + " | ".join(ops.log[:12]))
+        print("    ... " + " | ".join(ops.log[-6:]))
+
+
+if __name__ == "__main__":
+    main()
