@@ -25,6 +25,7 @@ from kernels.moe_configs import (
     GEMV,
     MIDDLE,
     PREFILL,
+    TILES_32,
     MoEConfig,
     choose_config,
 )
@@ -142,10 +143,10 @@ def moe_forward(
     p = prepared
     k = config.experts_per_token
     cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
-    if cfg is PREFILL and x.dtype == torch.float32 and x.is_cuda:
-        # fp32 activations double the prefill tiles' shared memory past the H100's 227 KB
-        # (measured: 273 KB requested); the 32-row tiles fit.
-        cfg = MIDDLE
+    if cfg.gemv is None and cfg.block_m > 32 and x.dtype == torch.float32 and x.is_cuda:
+        # fp32 activations double the larger tiles' shared memory, past the H100's 227 KB for
+        # the k256 tiles (273 KB measured); the 32-row tiles were measured to fit.
+        cfg = TILES_32
     x = x.contiguous()
     if cfg.fused_router and p.counters is not None and fits(x.shape[0], k, config.num_experts):
         plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),

@@ -57,12 +57,18 @@ GEMV_FEW = replace(GEMV, gemv=GemvConfig(GemvTiles(16, 512), GemvTiles(16, 512, 
 GEMV_MANY = replace(GEMV, gemv=GemvConfig(GemvTiles(32, 128), GemvTiles(32, 128)))
 GEMV_FEW_PAIRS = 8
 GEMV_MAX_PAIRS = 32
-# 16…48 rows per expert: 32-row tiles keep the tensor cores' padding small.
-MIDDLE = MoEConfig(32, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
+# 32-row tiles: the fp32-activation fallback (they fit shared memory with fp32 x).
+TILES_32 = MoEConfig(32, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
 # 128 tokens × 128 weight rows × k256, 8 warps: ≈ 12 (GEMM 1) / 9.4 (GEMM 2) instructions per
-# weight byte at 128 rows per tile, no spills, 145 KB of shared memory in 2 stages.
-PREFILL = MoEConfig(128, GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=2),
-                    GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=2))
+# weight byte at 128 rows per tile, no spills, 145 KB of shared memory in 2 stages — but measured
+# slower on the H100 than the 64-row tiles below (6.77 vs 3.95 ms at 4096 tokens of 20b).
+K256 = MoEConfig(128, GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=2),
+                 GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=2))
+# More than 16 rows per expert: 64-token × 128-row × k64 tiles were the H100 sweep's best at 256
+# and 4096 tokens for both shapes (2026-11-25, bench/results/moe.jsonl: 20b 657 µs vs 800 for the
+# 32-row tiles at 256 tokens; 3.95 ms vs 6.77 at 4096; 120b 4.76 ms vs 9.48 at 4096).
+PREFILL = MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True))
+MIDDLE = PREFILL
 
 # What bench/moe.py --sweep times (each checked against the oracle first). Kept small: every
 # entry is two or three kernel compiles on the GPU machine, whose time is scarce.
@@ -96,14 +102,14 @@ DECODE_CANDIDATES = {
     "d_swap64k256frpdl": replace(DECODE_FEW, fused_router=True, pdl=True),
 }
 PREFILL_CANDIDATES = {
-    "p_k256": PREFILL,
+    "p_k256": K256,
     "p_m64k128": MoEConfig(64, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True)),
-    "p_m32": MIDDLE,
+    "p_m32": TILES_32,
     # the first run's best at 256 and 4096 tokens (byte-wide exponent loads, 2-3 CTAs per SM)
-    "p_swap64": MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True)),
+    "p_swap64": PREFILL,
     "p_mix": MoEConfig(128, GemmTiles(256, 64, swap_ab=True, num_warps=8),
                        GemmTiles(128, 128, swap_ab=True, num_warps=8)),
-    "p_k256pdl": replace(PREFILL, pdl=True),
+    "p_k256pdl": replace(K256, pdl=True),
 }
 
 
