@@ -43,7 +43,7 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
     """Mean seconds per call of fn on the current stream (CUDA events, after a warm-up)."""
     for _ in range(warmup):
         fn()
-    if DEVICE != "cuda":
+    if DEVICE != "cuda" or not torch.cuda.is_available():
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
@@ -92,9 +92,11 @@ def measure_peaks() -> Peaks:
 
 
 def commit() -> str:
-    """The tree's commit: $GPTOSS_COMMIT (the GPU machine gets a copy without .git), else git."""
-    if os.environ.get("GPTOSS_COMMIT"):
-        return os.environ["GPTOSS_COMMIT"]
+    """The tree's commit: $GPTOSS_COMMIT or $COMMIT (the GPU machine gets a copy without .git),
+    else git."""
+    for name in ("GPTOSS_COMMIT", "COMMIT"):
+        if os.environ.get(name):
+            return os.environ[name]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.common import commit, cuda_time, measure_peaks
 from kernels.moe import moe_experts, moe_forward, prepare_moe, router_logits
 from kernels.moe_configs import MoEConfig, candidates, choose_config
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
@@ -45,44 +43,8 @@ SMOKE = ModelConfig(hidden_size=64, intermediate_size=64, num_experts=8, num_hid
                     vocab_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
-def commit() -> str:
-    if os.environ.get("COMMIT"):  # the GPU machine's copy of the tree may have no .git
-        return os.environ["COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def elapsed_us(fn: Callable[[], object], iters: int) -> float:
-    if not torch.cuda.is_available():  # --smoke on the CPU
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) * 1e6 / iters
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1e3 / iters
-
-
-def device_rates() -> tuple[float, float]:
-    """(copy bandwidth in bytes/s, bf16 GEMM rate in FLOP/s)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    bw = 2 * src.numel() / (elapsed_us(lambda: dst.copy_(src), 20) * 1e-6)
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    a @ b
-    rate = 2 * n**3 / (elapsed_us(lambda: a @ b, 20) * 1e-6)
-    return bw, rate
+    return cuda_time(fn, iters=iters, warmup=0) * 1e6
 
 
 def graph_us(fn: Callable[[int], object], calls: int) -> float:
@@ -306,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench.moe needs a CUDA GPU (or --smoke)")
     else:
         device = torch.cuda.get_device_name()
-        bw, rate = device_rates()
+        peaks = measure_peaks()
+        bw, rate = peaks.bandwidth, peaks.gemm
         out = [RESULTS] + ([args.out] if args.out else [])
     print(f"{device}: copy {bw / 1e12:.2f} TB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
     header = (f"{'shape':>5} {'T':>5} {'us':>9} {'roof_us':>9} {'%roof':>7} {'TFLOP/s':>7} "
