@@ -13,37 +13,17 @@ TTFT). Then the same plans again, all compiled: the steady-state cost of each ki
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import time
 
 import torch
 
 from bench.common import DEVICE, require_cuda, sync
+from kernels.jit import compiled_variants
 from runtime.config import preset
 from runtime.engine import Engine, EngineConfig
 from runtime.synthetic import random_weights
 from runtime.types import SeqWork, StepPlan
-
-
-def compiled_variants() -> dict[str, int]:
-    """Number of compiled variants per Triton kernel (by name), from the JIT caches."""
-    import warnings
-
-    from triton.runtime.jit import JITFunction
-
-    out: dict[str, int] = {}
-    with warnings.catch_warnings():  # isinstance on lazy modules' objects warns
-        warnings.simplefilter("ignore")
-        objs = [o for o in gc.get_objects() if isinstance(o, JITFunction)]
-    for obj in objs:
-        n = 0
-        for entry in getattr(obj, "device_caches", {}).values():
-            cache = entry[0] if isinstance(entry, tuple) else entry
-            n += len(cache)
-        if n:
-            out[obj.__name__] = out.get(obj.__name__, 0) + n
-    return out
 
 
 def random_plan(rng: random.Random, slots: int, context: int, step_tokens: int,

@@ -132,7 +132,7 @@ def _tile_rows(TILE_E, TILE_START, TILE_END, tile, BLOCK_M: tl.constexpr):
     return e, rows, rows < tl.load(TILE_END + tile)
 
 
-@jit
+@jit(do_not_specialize=("MAX_TILES",))
 def _gemm1_swiglu_kernel(
     X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N2, K, MAX_TILES, alpha, limit,
@@ -198,7 +198,7 @@ def _combine_rows(Y, stride_split, stride_y, POS, OUT, stride_o, t0, T, n, nmask
              acc.to(OUT.dtype.element_ty), mask=m2)
 
 
-@jit
+@jit(do_not_specialize=("MAX_TILES", "stride_split", "T", "ROWS"))
 def _gemm2_scale_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be, RW,
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_split, stride_o, N, K, MAX_TILES,
@@ -258,7 +258,7 @@ def _gemm2_scale_kernel(
             tl.store(COUNTERS + pid_n, 0)  # ready for the next launch (and graph replay)
 
 
-@jit
+@jit(do_not_specialize=("stride_split", "T"))
 def _combine_kernel(
     Y, stride_split, stride_y, POS, OUT, stride_o, T, H, TOPK: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,

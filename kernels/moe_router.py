@@ -36,7 +36,7 @@ E_BLOCK = 4  # experts per program: 8 programs for E = 32, 32 for E = 128
 MAX_TOKENS = 64  # the token tile: [T_PAD, E_BLOCK, BLOCK_H] products in registers
 
 
-@jit
+@jit(do_not_specialize=("T", "MAX_TILES"))
 def _router_kernel(
     X, stride_x, WG, BG, LOGITS, T, H, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START,
     TILE_END, NUM_TILES, MAX_TILES, COUNTER,

@@ -163,7 +163,7 @@ def _route_block(
         )
 
 
-@jit
+@jit(do_not_specialize=("T", "MAX_TILES"))
 def _topk_kernel(
     LOGITS, stride_l, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
     NUM_TILES, MAX_TILES,
@@ -181,7 +181,7 @@ def _topk_kernel(
     )
 
 
-@jit
+@jit(do_not_specialize=("nblocks", "TK", "MAX_TILES"))
 def _place_kernel(
     IDS, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, nblocks, TK, E,
     MAX_TILES,
