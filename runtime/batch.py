@@ -19,6 +19,9 @@ class Batch:
     seq_start_pos: list[int]  # [N]
     logits_rows: torch.Tensor  # [M] rows of T whose next token is sampled
     decode_only: bool  # every sequence feeds exactly one token
+    # Leading one-token sequences (the scheduler puts decodes first): a mixed step runs their
+    # attention with the decode kernel, the rest with the prefill kernel.
+    decode_rows: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -52,4 +55,14 @@ def build_batch(plan: StepPlan, device: torch.device | str) -> Batch:
         seq_start_pos=[w.start_pos for w in plan.work],
         logits_rows=as_tensor(rows),
         decode_only=plan.is_decode_only,
+        decode_rows=_leading_single_tokens(plan),
     )
+
+
+def _leading_single_tokens(plan: StepPlan) -> int:
+    n = 0
+    for w in plan.work:
+        if len(w.token_ids) != 1:
+            break
+        n += 1
+    return n

@@ -203,6 +203,16 @@ class Engine:
         sizes = [2, 3] if self.device.type == "cpu" else _powers_of_two(limit)
         for n in sizes:
             self.step(self._junk_prefill(n))
+        warm = getattr(self.model.ops, "warm", None)
+        if warm is not None and self.device.type == "cuda":
+            t1 = time.perf_counter()
+            cfg, kinds = self.model_config, {}
+            for i in range(cfg.num_hidden_layers):  # one layer of each kind (ring or full)
+                window = cfg.sliding_window if cfg.is_sliding(i) else 0
+                kinds.setdefault(window, (self.cache.k[i], self.cache.v[i], window))
+            warm(self.model.w, list(kinds.values()), limit, self.max_slots)
+            log.info("warm-up: MoE at 1…%d tokens, mixed-step attention: %.1fs", limit,
+                     time.perf_counter() - t1)
         self.step(StepPlan((SeqWork(slot=0, token_ids=(0,), start_pos=2, sample=True),)))
         if self.graphs is not None and not self.graphs.graphs:
             self.graphs.capture()

@@ -25,6 +25,10 @@ from runtime.model_weights import LayerWeights, ModelWeights
 
 log = logging.getLogger(__name__)
 
+# TritonOps.warm runs the MoE at every token count up to this (the configurations and routing
+# block sizes stop changing well below it), then at powers of two.
+SWEEP_TOKENS = 2048
+
 
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
     """(moe_forward, prepare_moe) from kernels.moe, or (None, None) when it is not there."""
@@ -71,10 +75,56 @@ class TritonOps:
             return decode_attention(
                 q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale
             )
-        return prefill_attention(
-            q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
-            sinks, window, scale,
+        d = batch.decode_rows
+        if d == 0:
+            return prefill_attention(
+                q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
+                sinks, window, scale,
+            )
+        # A mixed step: the one-token rows through the flash-decoding kernel (the prefill
+        # kernel pads each of them to a 16-token tile and reads its context without a split),
+        # the chunks through the prefill kernel. Rows are the first d of the packed batch.
+        out = torch.empty_like(q)  # [T, nq, d]
+        out[:d] = decode_attention(
+            q[:d], k_cache, v_cache, batch.slot_ids[:d], batch.positions[:d], sinks, window, scale
         )
+        if d < q.shape[0]:
+            out[d:] = prefill_attention(
+                q[d:], k_cache, v_cache, [c - d for c in batch.cu_seqlens[d:]],
+                batch.seq_slots[d:], batch.seq_start_pos[d:], sinks, window, scale,
+            )
+        return out
+
+    def warm(self, weights: ModelWeights,
+             caches: list[tuple[torch.Tensor, torch.Tensor, int]],  # (k, v, window) per kind
+             max_tokens: int, max_rows: int) -> None:
+        """Compiles, before serving, every kernel variant whose choice depends on the batch size:
+        the MoE (tile configuration and routing block sizes follow the token count) at every
+        size up to SWEEP_TOKENS and powers of two beyond, and the decode attention of a mixed
+        step (its split count follows the row count) for 1…max_rows rows on both layer kinds.
+        The batch-size arguments themselves are compiled unspecialized (kernels/jit.py), so
+        these are all the variants a step can need. The dummy cache slot is used."""
+        cfg = weights.config
+        layer = weights.layers[0]
+        dev, dt = caches[0][0].device, caches[0][0].dtype
+        sizes = list(range(1, min(max_tokens, SWEEP_TOKENS) + 1))
+        n = SWEEP_TOKENS * 2
+        while n < max_tokens:
+            sizes.append(n)
+            n *= 2
+        if max_tokens > SWEEP_TOKENS:
+            sizes.append(max_tokens)
+        g = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(max(sizes), cfg.hidden_size, device=dev, generator=g).to(dt)
+        for t in sizes:
+            self.moe(x[:t], layer, cfg)
+        q = torch.zeros(max_rows, cfg.num_attention_heads, cfg.head_dim, device=dev, dtype=dt)
+        positions = torch.zeros(max_rows, device=dev, dtype=torch.long)
+        for k_cache, v_cache, window in caches:
+            slots = torch.full((max_rows,), k_cache.shape[0] - 1, device=dev, dtype=torch.long)
+            for rows in range(1, max_rows + 1):
+                decode_attention(q[:rows], k_cache, v_cache, slots[:rows], positions[:rows],
+                                 layer.sinks, window, cfg.head_dim**-0.5)
 
     def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
         if self._moe_forward is not None:

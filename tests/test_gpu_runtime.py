@@ -109,3 +109,37 @@ def test_random_gpt_oss_20b_generates_through_the_whole_gpu_path() -> None:
                        max_new_tokens=64, ignore_eos=True)
     assert len(out.token_ids) == 64 and out.finish_reason == "length"
     assert len(set(out.token_ids)) > 8, "random 20b should not emit a near-constant stream"
+
+
+def test_no_kernel_compiles_while_serving_after_warm_up() -> None:
+    """A compile in the middle of serving is seconds of someone's TTFT (seen on the H100 before
+    the batch-size arguments were unspecialized: 0.5–2.4 s steps at new token counts)."""
+    import random
+
+    from kernels.jit import compiled_variants
+    from runtime import synthetic
+
+    cfg: ModelConfig = preset("20b").with_(num_hidden_layers=2)
+    weights = synthetic.random_weights(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    e = Engine(EngineConfig(device="cuda", dtype="bfloat16", max_slots=32, max_context=1024,
+                            max_chunk_tokens=128), weights=weights)
+    e.warmup(256)
+    before = compiled_variants()
+    rng = random.Random(1)
+    for _ in range(40):  # scheduler-like steps: decodes first, then chunks, ≤ 256 tokens
+        slots = rng.sample(range(32), 32)
+        n_dec = rng.randrange(0, 32)
+        work = [SeqWork(s, (rng.randrange(1000),), rng.randrange(0, 900), sample=True)
+                for s in slots[:n_dec]]
+        budget = 256 - n_dec
+        for s in slots[n_dec:]:
+            n = min(budget, rng.randrange(1, 129))
+            if n <= 0:
+                break
+            work.append(SeqWork(s, tuple(rng.randrange(1000) for _ in range(n)),
+                                rng.randrange(0, 1024 - n), sample=True))
+            budget -= n
+        e.step(StepPlan(tuple(work)))
+    after = compiled_variants()
+    new = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    assert not new, f"kernels compiled after warm-up: {new}"

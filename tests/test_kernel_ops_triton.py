@@ -39,8 +39,14 @@ def steps() -> list[StepPlan]:
                            SeqWork(2, prompt2, 0, sample=True))))  # mixed: decode + prefill
     pos0 += 1
     for i in range(19):
-        plans.append(StepPlan((SeqWork(0, ((i * 13) % 250,), pos0 + i, sample=True),
-                               SeqWork(2, ((i * 5) % 250,), 5 + i, sample=True))))
+        work = [SeqWork(0, ((i * 13) % 250,), pos0 + i, sample=True),
+                SeqWork(2, ((i * 5) % 250,), 5 + i, sample=True)]
+        if i < 5:  # slot 1's prompt in chunks of 4 behind the two decodes (split attention)
+            work.append(SeqWork(1, tuple((3 * j + i) % 250 for j in range(4)), 4 * i,
+                                sample=i == 4))
+        elif i == 5:  # a one-token chunk that is not a leading decode
+            work.append(SeqWork(1, (17,), 20, sample=True))
+        plans.append(StepPlan(tuple(work)))
     return plans
 
 
