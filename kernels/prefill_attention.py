@@ -164,6 +164,48 @@ def prefill_tiles(
     return tiles
 
 
+def prefill_block_t(nq: int, nkv: int) -> int:
+    """Query tokens per tile: 128 query rows (tokens × the KV head's group of query heads)."""
+    return max(1, 128 // triton.next_power_of_2(nq // nkv))
+
+
+def prefill_table(
+    cu_seqlens: list[int] | torch.Tensor, seq_slots: list[int] | torch.Tensor,
+    seq_start_pos: list[int] | torch.Tensor, rows: int, cache_slots: int, cap: int, window: int,
+    block_t: int, device: torch.device,
+) -> torch.Tensor:
+    """The tile table [tiles, 4] int32 on `device` for a packed batch of `rows` query rows,
+    after checking every sequence against the cache (capacity `cap`, `window`). It depends on
+    the batch and the layer kind only (cache_slots: the cache's slot rows, dummy included): a
+    model computes it once per step and layer kind and passes it to every layer's
+    prefill_attention (the host loops over the sequences once, not once per layer)."""
+    cu = [int(x) for x in cu_seqlens]
+    slots = [int(x) for x in seq_slots]
+    starts = [int(x) for x in seq_start_pos]
+    if len(cu) != len(slots) + 1 or len(starts) != len(slots) or cu[0] != 0 or cu[-1] != rows:
+        raise ValueError(
+            f"prefill_attention: cu_seqlens must be [N+1] from 0 to {rows} with N = "
+            f"{len(slots)} slots and start positions, got {cu}"
+        )
+    for n in range(len(slots)):
+        length = cu[n + 1] - cu[n]
+        if length < 0 or starts[n] < 0 or not 0 <= slots[n] < cache_slots:
+            raise ValueError(f"prefill_attention: bad sequence {n}: rows {cu[n]}…{cu[n + 1]}, "
+                             f"slot {slots[n]}, start {starts[n]}")
+        if window == 0 and starts[n] + length > cap:
+            raise ValueError(f"prefill_attention: sequence {n} ends at position "
+                             f"{starts[n] + length - 1}, beyond the cache capacity {cap}")
+        wraps = starts[n] + length > cap
+        if window > 0 and wraps and length + window - 1 > cap:
+            raise ValueError(f"prefill_attention: a {length}-token chunk needs a ring of ≥ "
+                             f"{length + window - 1} positions, the cache holds {cap}")
+    tiles = prefill_tiles(cu, slots, starts, block_t)
+    host = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 4)  # [tiles, 4]
+    if device.type == "cuda":  # pinned: the copy overlaps whatever the GPU is still doing
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def prefill_attention(
     q: torch.Tensor,  # [T, nq, d] (rotated)
     k_cache: torch.Tensor,  # [S+1, C, nkv, d]
@@ -179,9 +221,11 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 3,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton prefill_attention_ref. The sequence tables are read on the host (pass lists: tensors
-    cost a device sync); the cache must already hold every sequence's positions 0 … its last one."""
+    cost a device sync), or given already as `table` (prefill_table: the same for every layer of
+    a kind in a step); the cache must already hold every sequence's positions 0 … its last one."""
     if q.dim() != 3:
         raise ValueError(f"prefill_attention: q must be [T, nq, d], got {tuple(q.shape)}")
     t, nq, d = q.shape
@@ -207,37 +251,21 @@ def prefill_attention(
         raise ValueError("prefill_attention: q and the caches must be on one device")
     if window < 0:
         raise ValueError(f"prefill_attention: window must be ≥ 0, got {window}")
-    cu = [int(x) for x in cu_seqlens]
-    slots = [int(x) for x in seq_slots]
-    starts = [int(x) for x in seq_start_pos]
-    if len(cu) != len(slots) + 1 or len(starts) != len(slots) or cu[0] != 0 or cu[-1] != t:
-        raise ValueError(
-            f"prefill_attention: cu_seqlens must be [N+1] from 0 to {t} with N = {len(slots)} "
-            f"slots and start positions, got {cu}"
-        )
-    for n in range(len(slots)):
-        length = cu[n + 1] - cu[n]
-        if length < 0 or starts[n] < 0 or not 0 <= slots[n] < k_cache.shape[0]:
-            raise ValueError(f"prefill_attention: bad sequence {n}: rows {cu[n]}…{cu[n + 1]}, "
-                             f"slot {slots[n]}, start {starts[n]}")
-        if window == 0 and starts[n] + length > cap:
-            raise ValueError(f"prefill_attention: sequence {n} ends at position "
-                             f"{starts[n] + length - 1}, beyond the cache capacity {cap}")
-        wraps = starts[n] + length > cap
-        if window > 0 and wraps and length + window - 1 > cap:
-            raise ValueError(f"prefill_attention: a {length}-token chunk needs a ring of ≥ "
-                             f"{length + window - 1} positions, the cache holds {cap}")
-    out = torch.empty((t, nq, d), dtype=q.dtype, device=q.device)
     g = nq // nkv
     g_p = triton.next_power_of_2(g)
     if block_t is None:
-        block_t = max(1, 128 // g_p)
-    tiles = prefill_tiles(cu, slots, starts, block_t)
-    if not tiles:
+        block_t = prefill_block_t(nq, nkv)
+    if table is None:
+        table = prefill_table(cu_seqlens, seq_slots, seq_start_pos, t, k_cache.shape[0], cap,
+                              window, block_t, q.device)
+    elif table.dim() != 2 or table.shape[1] != 4 or table.dtype != torch.int32:
+        raise ValueError(f"prefill_attention: table must be int32 [tiles, 4], got "
+                         f"{tuple(table.shape)} {table.dtype}")
+    out = torch.empty((t, nq, d), dtype=q.dtype, device=q.device)
+    if table.shape[0] == 0:
         return out
-    table = torch.tensor(tiles, dtype=torch.int32).to(q.device, non_blocking=True)  # [tiles, 4]
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
-    jit["_prefill_kernel"][(len(tiles), nkv)](
+    jit["_prefill_kernel"][(table.shape[0], nkv)](
         q, k_cache, v_cache, table, sinks, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,10 +23,22 @@ class Batch:
     # Leading one-token sequences (the scheduler puts decodes first): a mixed step runs their
     # attention with the decode kernel, the rest with the prefill kernel.
     decode_rows: int = 0
+    # What a backend derives from the batch once per step and reuses in every layer (e.g. the
+    # prefill attention's tile table per layer kind), keyed by the backend.
+    derived: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.numel())
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list as a device tensor without stalling the host: staged in pinned memory on
+    CUDA, so the copy is queued behind the GPU's work instead of waiting for it."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def build_batch(plan: StepPlan, device: torch.device | str) -> Batch:
@@ -44,7 +57,7 @@ def build_batch(plan: StepPlan, device: torch.device | str) -> Batch:
             rows.append(cu[-1] - 1)
 
     def as_tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+        return to_device(values, torch.long, device)
 
     return Batch(
         token_ids=as_tensor(tokens),

@@ -17,7 +17,7 @@ import torch
 
 from kernels.decode_attention import decode_attention
 from kernels.moe_ref import moe_ref
-from kernels.prefill_attention import prefill_attention
+from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_cache_write
 from runtime.config import ModelConfig
@@ -60,8 +60,11 @@ class TritonOps:
         if not batch.decode_only:
             # The kernel does not order duplicate cache targets: a sequence's chunk must fit the
             # ring (the engine's max_chunk_tokens ≤ capacity guarantees it).
-            cu = batch.cu_seqlens
-            longest = max((cu[i + 1] - cu[i] for i in range(len(cu) - 1)), default=0)
+            if "longest" not in batch.derived:
+                cu = batch.cu_seqlens
+                batch.derived["longest"] = max(
+                    (cu[i + 1] - cu[i] for i in range(len(cu) - 1)), default=0)
+            longest = batch.derived["longest"]
             if longest > k_cache.shape[1]:
                 raise ValueError(
                     f"a {longest}-token chunk exceeds the cache capacity {k_cache.shape[1]}"
@@ -79,7 +82,7 @@ class TritonOps:
         if d == 0:
             return prefill_attention(
                 q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
-                sinks, window, scale,
+                sinks, window, scale, table=self._prefill_table(batch, q, k_cache, window, 0),
             )
         # A mixed step: the one-token rows through the flash-decoding kernel (the prefill
         # kernel pads each of them to a 16-token tile and reads its context without a split),
@@ -92,8 +95,23 @@ class TritonOps:
             out[d:] = prefill_attention(
                 q[d:], k_cache, v_cache, [c - d for c in batch.cu_seqlens[d:]],
                 batch.seq_slots[d:], batch.seq_start_pos[d:], sinks, window, scale,
+                table=self._prefill_table(batch, q, k_cache, window, d),
             )
         return out
+
+    @staticmethod
+    def _prefill_table(batch, q, k_cache, window, d):  # noqa: ANN001, ANN205
+        """The prefill tile table of the batch's sequences from the d-th on: built and checked
+        once per step and layer kind (same cache shape and window), then reused by every layer."""
+        key = ("prefill_table", tuple(k_cache.shape[:2]), window, d)
+        if key not in batch.derived:
+            nq, nkv = q.shape[1], k_cache.shape[2]
+            batch.derived[key] = prefill_table(
+                [c - d for c in batch.cu_seqlens[d:]], batch.seq_slots[d:],
+                batch.seq_start_pos[d:], q.shape[0] - d, k_cache.shape[0], k_cache.shape[1],
+                window, prefill_block_t(nq, nkv), q.device,
+            )
+        return batch.derived[key]
 
     def warm(self, weights: ModelWeights,
              caches: list[tuple[torch.Tensor, torch.Tensor, int]],  # (k, v, window) per kind

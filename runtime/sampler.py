@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels.sampling import SampleOutput, apply_penalties_ref, sample_ref, seed_to_int64
+from runtime.batch import to_device
 from runtime.types import SampledToken, SeqWork
 
 SampleFn = Callable[..., SampleOutput]
@@ -27,7 +28,7 @@ class Sampler:
         sp = [w.sampling for w in works]
 
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return to_device(values, dtype, self.device)
 
         return {
             "temperature": t([s.temperature for s in sp], torch.float32),
