@@ -133,20 +133,28 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                 TOPK=K_TOP, COMBINE_T=8), t
 
 
-def gemv_args(which: int) -> dict[str, object]:
+def gemv_args(which: int, dequant: str = "exact") -> dict[str, object]:
     """Runtime arguments of the GEMV kernels (lower-case sizes: not specialized as constants,
-    as at a real launch); scales groups-major unless --row-scales."""
+    as at a real launch); scales groups-major unless --row-scales. bf16 activations: the fast
+    steps read x and act pre-split in fp32 ("f32") or fp16 ("f16")."""
+    deq = gemv._DEQ[dequant]
+    xs = {0: "*bf16", 1: "*fp32", 2: "*i64"}[deq]  # f16: 4 fp16 per int64
+    w, words = ("*i32", 4) if deq == 2 else ("*u8", 1)  # f16: int32 code words (4 per word)
+    fast = dict(DEQ=deq, EMULATE=False)
     if which == 1:
         g1 = HID // 32
         sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)
-        return dict(X="*bf16", stride_x=HID, W="*u8", stride_we=INTER * HID, stride_wn=HID // 2,
+        return dict(fast, X="*bf16", XS=xs, stride_x=HID // words, W=w,
+                    stride_we=INTER * HID // words, stride_wn=HID // 2 // words,
                     S="*u8", stride_se=2 * INTER * g1, stride_sn=sn, stride_sg=sg, B="*fp32",
-                    stride_be=2 * INTER, EXPERTS="*i32", ACT="*bf16", stride_a=INTER,
+                    stride_be=2 * INTER, EXPERTS="*i32", ACT="*fp16" if deq == 2 else xs,
+                    stride_a=INTER,
                     n2=2 * INTER, k_dim=HID, n_pairs=4, alpha=1.702, limit=7.0, TOPK=K_TOP)
     g2 = INTER // 32
     sn, sg = (g2, 1) if ROW_SCALES else (1, HID)
-    return dict(A="*bf16", stride_a=INTER, W="*u8", stride_we=HID * INTER // 2,
-                stride_wn=INTER // 2, S="*u8", stride_se=HID * g2, stride_sn=sn, stride_sg=sg,
+    return dict(fast, A=xs, stride_a=INTER // words, W=w,
+                stride_we=HID * INTER // 2 // words, stride_wn=INTER // 2 // words, S="*u8",
+                stride_se=HID * g2, stride_sn=sn, stride_sg=sg,
                 EXPERTS="*i32", PART="*fp32", stride_ps=4 * HID, stride_pp=HID, n_rows=HID,
                 k_dim=INTER, n_pairs=4, k_per_split=INTER // 2)
 
@@ -155,7 +163,7 @@ def report_gemv(name: str, mc: MoEConfig, sass_dir: Path | None) -> None:
     assert mc.gemv is not None
     for which, kname, t in ((1, "_gemv1_swiglu_kernel", mc.gemv.gemm1),
                             (2, "_gemv2_kernel", mc.gemv.gemm2)):
-        a = dict(gemv_args(which), BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+        a = dict(gemv_args(which, t.dequant), BLOCK_N=t.block_n, BLOCK_K=t.block_k)
         if which == 2:
             a["SPLIT_K"] = t.split_k
         try:

@@ -82,6 +82,14 @@ GEMV_CANDIDATES = {
     "g_n32k256s4": replace(GEMV, gemv=GemvConfig(GemvTiles(32, 256),
                                                  GemvTiles(32, 256, split_k=4))),
     "g_n32k256fr": replace(GEMV, fused_router=True),
+    # The fast step (kernels/moe_gemv_dequant.py): whole-word dequantization, pre-split x,
+    # fp32 FFMA ("f32") or fp16 HFMA2 ("f16") math; see notes/moe.md "GEMV path".
+    **{f"g_n{n}k{k}{'nos' if s == 1 else ''}{'w8' if w == 8 else ''}{d}": replace(
+        GEMV, gemv=GemvConfig(GemvTiles(n, k, num_warps=w, dequant=d),
+                              GemvTiles(n, k, num_warps=w, split_k=s, dequant=d)))
+       for d in ("f32", "f16")
+       for n, k, s, w in ((32, 256, 2, 4), (64, 256, 2, 4), (16, 512, 2, 4), (32, 128, 1, 4),
+                          (128, 128, 1, 4))},
 }
 DECODE_CANDIDATES = {
     "d_swap128": DECODE,

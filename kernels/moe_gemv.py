@@ -29,8 +29,25 @@ import triton
 import triton.language as tl
 
 from kernels.jit import KernelSet
+from kernels.moe_dequant import _E2M1_X4_ASM  # noqa: F401 - the f32 step calls it
+from kernels.moe_gemm import compiled
+from kernels.moe_gemv_dequant import (  # noqa: F401 - the kernels call them
+    _GROUP_F16_ASM,
+    F16,
+    F32,
+    HELPERS,
+    _gemv_step_f16,
+    _gemv_step_f32,
+    _half_f16,
+    _nib_f16,
+    _pairs_f16_emulated,
+    _split4,
+    _word_f16_emulated,
+)
 
 jit = KernelSet(globals())
+for _helper in HELPERS:
+    jit(_helper)
 
 GEMV_MAX_SCALE = 240
 
@@ -74,51 +91,84 @@ def _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
 
 
 @jit
+def _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K: tl.constexpr,
+          MASK: tl.constexpr, DEQ: tl.constexpr, EMULATE: tl.constexpr):
+    if DEQ == F16:
+        acc = _gemv_step_f16(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
+                             BLOCK_K, MASK, EMULATE)
+    elif DEQ == F32:
+        acc = _gemv_step_f32(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
+                             BLOCK_K, MASK, EMULATE)
+    else:
+        acc = _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K, MASK)
+    return acc
+
+
+@jit
 def _gemv_rows(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, k_dim,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
+               EMULATE: tl.constexpr):
     """Σ over k_lo…k_hi (multiples of 32; k_hi ≤ k_dim) of W[rows, k]·x[k] → [BLOCK_N] fp32.
-    Whole steps load without masks (rows are clamped in bounds by the callers)."""
+    Whole steps load without masks (rows are clamped in bounds by the callers). DEQ = 0: the
+    exact step on x in its own order; F32/F16: the fast steps on pre-split x (moe_gemv_dequant;
+    F16: W as int32 words and x as int64, offsets in those units)."""
     acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
     for k0 in range(k_lo, k_full, BLOCK_K):
-        acc = _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K, False)
+        acc = _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K, False,
+                    DEQ, EMULATE)
     if k_full < k_hi:
-        acc = _gemv_step(X, x_row, W, w_rows, S, s_rows, stride_sg, k_full, k_hi, acc,
-                         BLOCK_K, True)
+        acc = _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k_full, k_hi, acc, BLOCK_K, True,
+                    DEQ, EMULATE)
     return tl.sum(acc, axis=1)
 
 
 @jit
+def _row_offsets(rows, stride_wn):
+    """Code rows' offsets: multiples of 4 (K/2 bytes or K/8 words, K % 32 = 0; the launcher
+    checks the strides), so a group's 16 bytes load as one vector."""
+    return tl.multiple_of(rows.to(tl.int64) * stride_wn, 4)
+
+
+@jit
 def _gemv1_swiglu_kernel(
-    X, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
+    X, XS, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
     EXPERTS, ACT, stride_a, n2, k_dim, n_pairs, alpha, limit,
-    TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
-    """One (pair, block of BLOCK_N interleaved gate/linear rows) → act[pair, BLOCK_N/2]."""
+    """One (pair, block of BLOCK_N interleaved gate/linear rows) → act[pair, BLOCK_N/2].
+    XS is what is read: x itself (DEQ = 0) or its pre-split copy (per 32-group the evens, then
+    the odds; fp32 or fp16) for the fast step, which also stores ACT pre-split. X: the dtype."""
+    X_DTYPE: tl.constexpr = X.dtype.element_ty  # the matmul's rounding, as in the reference
     pid = tl.program_id(0)
     pair = pid % n_pairs  # pairs fastest: pairs sharing an expert read its rows from L2
     nb = pid // n_pairs
     e = tl.load(EXPERTS + pair).to(tl.int64)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, n2 - 1)
-    h = _gemv_rows(X, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,
-                   rows_c.to(tl.int64) * stride_wn, S + e * stride_se, rows_c * stride_sn,
-                   stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K)
-    h = h.to(X.dtype.element_ty).to(tl.float32) + tl.load(B + e * stride_be + rows_c)
+    h = _gemv_rows(XS, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,
+                   _row_offsets(rows_c, stride_wn), S + e * stride_se, rows_c * stride_sn,
+                   stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE)
+    h = h.to(X_DTYPE).to(tl.float32) + tl.load(B + e * stride_be + rows_c)
     gate, lin = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
     cols = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(ACT + pair.to(tl.int64) * stride_a + cols, act.to(ACT.dtype.element_ty),
-             mask=cols < n2 // 2)
+    pos = cols
+    if DEQ != 0:  # pre-split for GEMM 2's fast step: k = 32g + 2i + h at 32g + 16h + i
+        pos = cols // 32 * 32 + cols % 2 * 16 + cols % 32 // 2
+    act = act.to(X_DTYPE).to(ACT.dtype.element_ty)  # rounded as the oracle's act
+    tl.store(ACT + pair.to(tl.int64) * stride_a + pos, act, mask=cols < n2 // 2)
 
 
 @jit
 def _gemv2_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
     EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
-    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias)."""
     pid = tl.program_id(0)
@@ -131,8 +181,8 @@ def _gemv2_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, k_dim)
     y = _gemv_rows(A, pair.to(tl.int64) * stride_a, W + e * stride_we,
-                   rows_c.to(tl.int64) * stride_wn, S + e * stride_se, rows_c * stride_sn,
-                   stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K)
+                   _row_offsets(rows_c, stride_wn), S + e * stride_se, rows_c * stride_sn,
+                   stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE)
     tl.store(PART + split * stride_ps + pair.to(tl.int64) * stride_pp + rows, y, mask=rows < n_rows)
 
 
@@ -163,13 +213,16 @@ def _gemv_combine_kernel(
 @dataclass(frozen=True)
 class GemvTiles:
     """One GEMV launch: BLOCK_N weight rows per program (GEMM 1: interleaved gate/linear rows,
-    even), BLOCK_K per step (≥ 32, a power of two), K split over SPLIT_K programs (GEMM 2)."""
+    even), BLOCK_K per step (≥ 32, a power of two), K split over SPLIT_K programs (GEMM 2).
+    dequant: "exact" (nibble by nibble), "f32" or "f16" (the fast step, kernels/moe_gemv_dequant;
+    "f16" multiplies in fp16 and is used only for fp16/bf16 activations, "f32" otherwise)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    dequant: str = "exact"
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -178,6 +231,8 @@ class GemvTiles:
                 raise ValueError(f"GemvTiles.{name} must be a power of two, got {v}")
         if self.block_n < 2 or self.block_k < 32 or self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"GemvTiles: block_n ≥ 2, block_k ≥ 32, stages/split ≥ 1: {self}")
+        if self.dequant not in _DEQ:
+            raise ValueError(f"GemvTiles.dequant must be one of {sorted(_DEQ)}: {self}")
 
 
 @dataclass(frozen=True)
@@ -186,9 +241,40 @@ class GemvConfig:
     gemm2: GemvTiles
 
 
-def _launch(tiles: GemvTiles) -> dict:
+_DEQ = {"exact": 0, "f32": F32.value, "f16": F16.value}
+
+
+def _deq(cfg: GemvConfig, dtype: torch.dtype) -> int:
+    """One mode for both GEMMs (GEMM 1 stores act in the layout GEMM 2 reads): fp16 math only for
+    fp16/bf16 activations."""
+    deq = _DEQ[cfg.gemm1.dequant]
+    if deq == F16 and dtype == torch.float32:
+        deq = F32.value
+    return deq
+
+
+def _launch(tiles: GemvTiles, deq: int, device: torch.device) -> dict:
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages)
+                num_stages=tiles.num_stages, DEQ=deq,
+                EMULATE=not compiled(device))  # the interpreter cannot run PTX
+
+
+def _words(w: torch.Tensor) -> torch.Tensor:
+    """Codes [E, N, K/2] u8 as int32 words [E, N, K/8] (a view): the f16 step loads each group's
+    4 words as one 16-byte vector, so every row must start 16-byte aligned."""
+    if w.stride(-1) != 1 or w.data_ptr() % 16 or any(st % 16 for st in w.stride()[:-1]):
+        raise ValueError(f"moe_gemv: f16 dequant needs 16-byte aligned code rows: strides "
+                         f"{w.stride()}, address {w.data_ptr():#x}")
+    return w.view(torch.int32)
+
+
+def presplit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, K] → [T, K] in dtype, each group of 32 reordered as its 16 even k, then its 16 odd k
+    (the fast step's x; one copy kernel)."""
+    t, k = x.shape
+    out = torch.empty(t, k // 32, 2, 16, dtype=dtype, device=x.device)
+    out.copy_(x.unflatten(1, (k // 32, 16, 2)).transpose(2, 3))
+    return out.view(t, k)
 
 
 def moe_gemv(
@@ -210,27 +296,35 @@ def moe_gemv(
                          f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} disagree")
     if cfg.gemm1.block_n % 2:
         raise ValueError("moe_gemv: GEMM 1 needs an even block_n (gate/linear pairs)")
+    if cfg.gemm1.dequant != cfg.gemm2.dequant:
+        raise ValueError("moe_gemv: both GEMMs need the same dequant (act's layout depends on it)")
     out = torch.empty_like(x)
     pairs = t * top_k
     if pairs == 0:
         return out
     ex = experts.contiguous().view(-1).to(torch.int32)
     wt = weights.contiguous().view(-1).float()
-    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    deq = _deq(cfg, x.dtype)
+    math_dtype = {0: x.dtype, F32.value: torch.float32, F16.value: torch.float16}[deq]
+    xs = x if deq == 0 else presplit(x, math_dtype)
+    act = torch.empty(pairs, inter, dtype=math_dtype, device=x.device)
+    a_in = act
+    if deq == F16.value:  # codes read as int32 words, x and act as int64 (4 fp16 each)
+        w1, w2, xs, a_in = _words(w1), _words(w2), xs.view(torch.int64), act.view(torch.int64)
     g1 = cfg.gemm1
     jit["_gemv1_swiglu_kernel"][(pairs * triton.cdiv(n2, g1.block_n),)](
-        x, x.stride(0), w1, w1.stride(0), w1.stride(1), s1, s1.stride(0), s1.stride(1),
+        x, xs, xs.stride(0), w1, w1.stride(0), w1.stride(1), s1, s1.stride(0), s1.stride(1),
         s1.stride(2), b1, b1.stride(0), ex, act, act.stride(0), n2, h, pairs, float(alpha),
-        float(limit), TOPK=top_k, **_launch(g1),
+        float(limit), TOPK=top_k, **_launch(g1, deq, x.device),
     )
     g2 = cfg.gemm2
     split = g2.split_k
     k_per_split = triton.cdiv(inter // 32, split) * 32
     part = torch.empty(split, pairs, h, dtype=torch.float32, device=x.device)
     jit["_gemv2_kernel"][(pairs * split * triton.cdiv(h, g2.block_n),)](
-        act, act.stride(0), w2, w2.stride(0), w2.stride(1), s2, s2.stride(0), s2.stride(1),
+        a_in, a_in.stride(0), w2, w2.stride(0), w2.stride(1), s2, s2.stride(0), s2.stride(1),
         s2.stride(2), ex, part, part.stride(0), part.stride(1), h, inter, pairs, k_per_split,
-        SPLIT_K=split, **_launch(g2),
+        SPLIT_K=split, **_launch(g2, deq, x.device),
     )
     block_h = min(1024, triton.next_power_of_2(h))
     jit["_gemv_combine_kernel"][(t, triton.cdiv(h, block_h))](
