@@ -1,7 +1,8 @@
 """The small-batch GEMV path of the MoE (kernels/moe_gemv.py) against the torch oracle.
 
-CPU: interpreted kernels at small shapes (fp32, fp16 and bf16: no tl.dot here). GPU (-m gpu):
-gpt-oss shapes in bf16, eager and inside a captured CUDA graph.
+CPU: interpreted kernels at small shapes (fp32, fp16 and bf16: no tl.dot here), the fast steps
+through their Triton emulation (their PTX: tests/test_kernel_moe_gemv_ptx.py). GPU (-m gpu):
+gpt-oss shapes in bf16, eager and inside a captured CUDA graph, the fast steps' compiled PTX.
 """
 
 from __future__ import annotations
@@ -66,7 +67,70 @@ def test_gemv_layer_matches_the_torch_reference(
     check(cfg, layer, x)
 
 
-@pytest.mark.parametrize("name", ["g_n32k256", "g_n32k256s4", "g_n32k128nos"])
+def fast(dequant: str) -> MoEConfig:
+    return MoEConfig(16, GEMV.gemm1, GEMV.gemm2, gemv=GemvConfig(
+        GemvTiles(16, 64, dequant=dequant), GemvTiles(16, 64, split_k=2, dequant=dequant)))
+
+
+@pytest.mark.parametrize("dequant", ["f16", "f32"])
+@pytest.mark.parametrize(
+    ("hidden", "inter", "experts", "top_k", "tokens", "dtype"),
+    [
+        (96, 160, 4, 2, 3, torch.float32),  # fp32 x: fp32 math either way (tolerance 1e-5)
+        (160, 96, 8, 4, 2, torch.float16),  # partial last K step, partial N block
+        (96, 64, 32, 1, 5, torch.bfloat16),
+    ],
+)
+def test_fast_steps_match_the_torch_reference(
+    dequant: str, hidden: int, inter: int, experts: int, top_k: int, tokens: int,
+    dtype: torch.dtype,
+) -> None:
+    """Word-wise dequantization on pre-split x (kernels/moe_gemv_dequant.py), as emulated in the
+    interpreter: the same tolerances as the exact step, fp16 accumulation included."""
+    cfg = tiny(hidden, inter, experts, top_k)
+    layer = random_layer(cfg, 0, seed=tokens + 20, dtype=dtype)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    check(cfg, layer, x, fast(dequant))
+
+
+@pytest.mark.parametrize("dequant", ["f16", "f32"])
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float16, 100), (torch.float16, 140),
+                                              (torch.float32, 0), (torch.float32, 240)])
+def test_fast_steps_are_exact_at_extreme_scales(dequant: str, dtype: torch.dtype,
+                                                scale: int) -> None:
+    """One-hot x picks single W1 weights: fp4·2^(s − 127) must survive the fp32 scale bits
+    (s + 6) << 23 (normal over 0…248); fp16 x: scales whose weights fit fp16. GEMM 2 (random
+    weights) differs from the oracle by summation order only: the usual tolerances."""
+    cfg = tiny(64, 64, 4, 1)
+    layer = random_layer(cfg, 0, seed=1, dtype=dtype)
+    layer.mlp1_scales.fill_(scale)
+    layer.mlp1_bias.zero_()
+    p = prepare_moe(layer)
+    x = torch.zeros(4, 64, dtype=dtype)
+    x[torch.arange(4), torch.arange(4) * 7] = 1.0  # k = 0, 7, 14, 21: both nibbles, all words
+    experts = torch.zeros(4, 1, dtype=torch.int32)
+    ones = torch.ones(4, 1)
+    got = moe_gemv(x, experts, ones, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2, fast(dequant).gemv)
+    want = experts_ref(x, ones, experts.long(), layer.mlp1_blocks, layer.mlp1_scales,
+                       layer.mlp1_bias, layer.mlp2_blocks, layer.mlp2_scales, layer.mlp2_bias)
+    assert torch.isfinite(want).all() or scale > 200
+    torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+
+
+def test_gemv_tiles_check_the_dequant_mode() -> None:
+    with pytest.raises(ValueError, match="dequant"):
+        GemvTiles(32, 256, dequant="f8")
+    cfg = tiny(32, 32, 4, 1)
+    p = prepare_moe(random_layer(cfg, 0, dtype=torch.float16))
+    mixed = GemvConfig(GemvTiles(16, 32, dequant="f16"), GemvTiles(16, 32))
+    one = torch.ones(1, 1)
+    with pytest.raises(ValueError, match="same dequant"):
+        moe_gemv(torch.ones(1, 32, dtype=torch.float16), torch.zeros(1, 1, dtype=torch.int32),
+                 one, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2, mixed)
+
+
+@pytest.mark.parametrize("name", ["g_n32k256", "g_n32k256s4", "g_n32k128nos", "g_n64k256f16",
+                                  "g_n32k128nosf32"])
 def test_swept_gemv_configs_are_right(name: str) -> None:
     cfg = tiny(288, 320, 8, 4)  # K = 288: a partial last step for every block_k
     layer = random_layer(cfg, 0, seed=7, dtype=torch.float32)
@@ -137,7 +201,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_cuda
 @pytest.mark.parametrize("shape", ["20b", "120b"])
 @pytest.mark.parametrize("tokens", [1, 2, 8, 16])
-@pytest.mark.parametrize("name", ["g_n32k256", "g_n16k512", "g_n64k256w8", "g_n32k256s4"])
+@pytest.mark.parametrize("name", ["g_n32k256", "g_n16k512", "g_n64k256w8", "g_n32k256s4",
+                                  "g_n32k256f16", "g_n64k256f16", "g_n128k128nosf16",
+                                  "g_n32k256f32"])
 def test_gpu_gemv_matches_reference_and_replays_in_a_graph(shape: str, tokens: int,
                                                            name: str) -> None:
     cfg = ModelConfig(num_hidden_layers=1, num_experts=32 if shape == "20b" else 128)
