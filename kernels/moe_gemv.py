@@ -124,10 +124,10 @@ def _gemv_rows(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, k_dim,
 
 
 @jit
-def _row_offsets(rows, stride_wn):
-    """Code rows' offsets: multiples of 4 (K/2 bytes or K/8 words, K % 32 = 0; the launcher
-    checks the strides), so a group's 16 bytes load as one vector."""
-    return tl.multiple_of(rows.to(tl.int64) * stride_wn, 4)
+def _row_offsets(rows, stride_wn, DEQ: tl.constexpr):
+    """Code rows' offsets, multiples of 16 bytes (the launcher checks the row strides), so a
+    group's 16 bytes load as one vector: in bytes, or in int32 words for the f16 step."""
+    return tl.multiple_of(rows.to(tl.int64) * stride_wn, 4 if DEQ == F16 else 16)
 
 
 @jit
@@ -148,7 +148,7 @@ def _gemv1_swiglu_kernel(
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, n2 - 1)
     h = _gemv_rows(XS, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,
-                   _row_offsets(rows_c, stride_wn), S + e * stride_se, rows_c * stride_sn,
+                   _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se, rows_c * stride_sn,
                    stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE)
     h = h.to(X_DTYPE).to(tl.float32) + tl.load(B + e * stride_be + rows_c)
     gate, lin = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
@@ -181,7 +181,7 @@ def _gemv2_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, k_dim)
     y = _gemv_rows(A, pair.to(tl.int64) * stride_a, W + e * stride_we,
-                   _row_offsets(rows_c, stride_wn), S + e * stride_se, rows_c * stride_sn,
+                   _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se, rows_c * stride_sn,
                    stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE)
     tl.store(PART + split * stride_ps + pair.to(tl.int64) * stride_pp + rows, y, mask=rows < n_rows)
 
@@ -294,6 +294,9 @@ def moe_gemv(
             or w1.shape[2] * 2 != h or w2.shape[1] != h or n2 != 2 * inter or h % 32 or inter % 32):
         raise ValueError(f"moe_gemv: shapes x {tuple(x.shape)}, experts {tuple(experts.shape)}, "
                          f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} disagree")
+    if w1.stride(1) % 16 or w2.stride(1) % 16 or w1.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError(f"moe_gemv: code rows must be contiguous with 16-byte strides, got "
+                         f"{w1.stride()}, {w2.stride()}")
     if cfg.gemm1.block_n % 2:
         raise ValueError("moe_gemv: GEMM 1 needs an even block_n (gate/linear pairs)")
     if cfg.gemm1.dequant != cfg.gemm2.dequant:
