@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import triton.language as tl
 
-from kernels import moe_gemm_kernels, moe_router, moe_routing
+from kernels import moe_gemm_kernels, moe_gemv, moe_router, moe_routing
 from kernels.jit import KernelSet
 
 
@@ -24,6 +24,9 @@ def test_naming_an_unknown_argument_is_an_error_at_import() -> None:
     (moe_gemm_kernels, "_gemm1_swiglu_kernel", {"MAX_TILES"}),
     (moe_gemm_kernels, "_gemm2_scale_kernel", {"T", "ROWS", "MAX_TILES", "stride_split"}),
     (moe_gemm_kernels, "_combine_kernel", {"T", "stride_split"}),
+    (moe_gemv, "_gemv1_swiglu_kernel", {"n_pairs"}),
+    (moe_gemv, "_gemv2_kernel", {"n_pairs", "stride_ps"}),
+    (moe_gemv, "_gemv_combine_kernel", {"stride_ps"}),
 ])
 def test_token_count_arguments_reach_triton_unspecialized(module, kernel, args) -> None:  # noqa: ANN001
     """Each of these changes with the step's token count; specialized, every new count class
