@@ -22,6 +22,8 @@ FIELDS = ("experts", "counts", "pos", "sorted_pair", "tile_expert", "tile_start"
         (3, 6, 2, 64, torch.float16),  # E not a multiple of the expert block
         (7, 128, 1, 32, torch.float32),
         (40, 32, 4, 64, torch.float32),  # several tokens per expert
+        (2, 2, 1, 90, torch.float32),  # fewer experts than a program's block
+        (4, 32, 4, 90, torch.float32),  # the last hidden slices partly or wholly past H
     ],
 )
 def test_fused_router_gives_the_plan_of_linear_then_route(
