@@ -129,8 +129,8 @@ def test_gemv_tiles_check_the_dequant_mode() -> None:
                  one, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2, mixed)
 
 
-@pytest.mark.parametrize("name", ["g_n32k256", "g_n32k256s4", "g_n32k128nos", "g_n64k256f16",
-                                  "g_n32k128nosf32"])
+@pytest.mark.parametrize("name", ["g_n16k512", "g_n32k128nos", "g_n64k256f16",
+                                  "g_n128k128nosf32", "g_n32k128nosf16"])
 def test_swept_gemv_configs_are_right(name: str) -> None:
     cfg = tiny(288, 320, 8, 4)  # K = 288: a partial last step for every block_k
     layer = random_layer(cfg, 0, seed=7, dtype=torch.float32)
@@ -201,9 +201,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_cuda
 @pytest.mark.parametrize("shape", ["20b", "120b"])
 @pytest.mark.parametrize("tokens", [1, 2, 8, 16])
-@pytest.mark.parametrize("name", ["g_n32k256", "g_n16k512", "g_n64k256w8", "g_n32k256s4",
-                                  "g_n32k256f16", "g_n64k256f16", "g_n128k128nosf16",
-                                  "g_n32k256f32"])
+@pytest.mark.parametrize("name", ["g_n16k512", "g_n32k128nos", "g_n32k256f16", "g_n64k256f16",
+                                  "g_n128k128nosf16", "g_n32k256f32"])
 def test_gpu_gemv_matches_reference_and_replays_in_a_graph(shape: str, tokens: int,
                                                            name: str) -> None:
     cfg = ModelConfig(num_hidden_layers=1, num_experts=32 if shape == "20b" else 128)
