@@ -32,6 +32,7 @@ from kernels.moe_configs import (
     PREFILL_CANDIDATES,
     MoEConfig,
 )
+from kernels.moe_configs_latency import LATENCY_CANDIDATES
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -113,7 +114,8 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
     common = dict(W="*u8", S="*u8", B="*fp32", SORTED="*i32", TILE_E="*i32", TILE_START="*i32",
                   TILE_END="*i32", MAX_TILES=100, BLOCK_M=mc.block_m,
                   BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, SWAP_AB=t.swap_ab,
-                  IEEE=False, FAST=fast, EMULATE=False, PDL=mc.pdl)
+                  IEEE=False, FAST=fast, EMULATE=False, PDL=mc.pdl, PREFETCH=t.prefetch,
+                  WIDE=t.wide_loads)
     if which == 1:
         g1 = HID // 32  # scales groups-major ([E, G, N] storage) unless --row-scales
         sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global ROW_SCALES
     ROW_SCALES = args.row_scales
-    configs = {**GEMV_CANDIDATES, **DECODE_CANDIDATES, **PREFILL_CANDIDATES}
+    configs = {**GEMV_CANDIDATES, **DECODE_CANDIDATES, **PREFILL_CANDIDATES,
+               **LATENCY_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():

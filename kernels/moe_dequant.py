@@ -52,6 +52,29 @@ cvt.rn.f16x2.e4m3x2 $3, h1;
 """)
 
 
+# L2 prefetches: fire-and-forget (no register or shared-memory cost), so a k-loop can keep a few
+# k-steps of weight bytes in flight from DRAM while it dequantizes and multiplies: the step's own
+# loads then wait an L2 round trip instead of a DRAM one. Per-thread addresses (CCTL.E.PF2);
+# cp.async.bulk.prefetch takes uniform operands only, i.e. a 32-pass loop over the lanes' rows.
+_L2_ASM = tl.constexpr("""
+prefetch.global.L2 [$1];
+mov.b32 $0, 0;
+""")
+# One cache line per call where the address starts a 32-byte sector or $2 ≠ 0 (a run's first
+# byte): the exponent bytes of a k-step, which have no alignment to rely on.
+_L2_LINE_ASM = tl.constexpr("""
+{
+.reg .pred p;
+.reg .b64 t;
+and.b64 t, $1, 31;
+setp.eq.b64 p, t, 0;
+setp.ne.or.b32 p, $2, 0, p;
+@p prefetch.global.L2 [$1];
+mov.b32 $0, 0;
+}
+""")
+
+
 def _fp4_f32(c):
     """e2m1 codes (int32, 0…15) → fp32 values · 2⁻¹⁴."""
     bits = ((c & 8) << 12) | ((c & 7) << 9)
@@ -99,9 +122,11 @@ def _e2m1_x4_emulated(codes):
 
 
 def _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, K, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
-                 MASK_K: tl.constexpr):
+                 MASK_K: tl.constexpr, WIDE: tl.constexpr = False):
     """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights; in each
-    32-group column c = 16h + 8a₁ + 2t + a₀ holds k = 8t + 2a + h (byte 4t + a, a = 2a₁ + a₀)."""
+    32-group column c = 16h + 8a₁ + 2t + a₀ holds k = 8t + 2a + h (byte 4t + a, a = 2a₁ + a₀).
+    WIDE: whole K blocks load each row's BLOCK_K/2 bytes as one run (16-byte loads or cp.async,
+    the [BN, G, 4, 4] split after the load) instead of 4-byte pieces."""
     G: tl.constexpr = BLOCK_K // 32
     BN: tl.constexpr = w_row.shape[0]
     g = tl.arange(0, G)
@@ -114,6 +139,10 @@ def _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, K, BLOCK_K: tl.conste
         kmask = (k0 + g * 32) < K  # [G]
         codes = tl.load(cptr, mask=kmask[None, :, None, None], other=0)  # [BN, G, 4t, 4a]
         sc = tl.load(sptr, mask=smask[:, None] & kmask[None, :], other=0).to(tl.int32)  # [BN, G]
+    elif WIDE:
+        b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        codes = tl.reshape(tl.load(W + w_row[:, None] + b[None, :]), (BN, G, 4, 4))
+        sc = tl.load(sptr, mask=smask[:, None], other=0).to(tl.int32)
     else:
         codes = tl.load(cptr)
         sc = tl.load(sptr, mask=smask[:, None], other=0).to(tl.int32)
@@ -145,4 +174,24 @@ def _a_tile_fast(A, a_row, k0, K, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
     return tl.reshape(tl.permute(x, (0, 1, 5, 3, 2, 4)), (BM, BLOCK_K))
 
 
-HELPERS = (_fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _w_tile_fast, _a_tile_fast)
+def _l2_prefetch(W, S, w_row, s_row, stride_sg, k0, BLOCK_K: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """Ask L2 for the codes and exponents of the k-step at k0 of rows w_row/s_row [BN] (all in
+    bounds: callers pass a whole step inside K): one prefetch per 32-byte sector of codes (rows
+    start 32-byte aligned when K/2 is a multiple of 32, as at gpt-oss's 2880), and per sector or
+    run of exponent bytes. A hint: no effect on results; nothing to do in the interpreter."""
+    if not EMULATE:
+        G: tl.constexpr = BLOCK_K // 32
+        NS: tl.constexpr = max(1, BLOCK_K // 64)  # 32-byte sectors of a row's BLOCK_K/2 bytes
+        cptr = W + w_row[:, None] + (k0 // 2 + 32 * tl.arange(0, NS))[None, :]  # [BN, NS]
+        tl.inline_asm_elementwise(_L2_ASM, "=r,l", [cptr], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+        g = tl.arange(0, G)
+        sptr = S + s_row[:, None] + ((k0 // 32 + g) * stride_sg)[None, :]  # [BN, G]
+        rows = tl.arange(0, w_row.shape[0])[:, None]
+        first = ((rows == 0) | (g[None, :] == 0)).to(tl.int32)  # each run's first byte
+        tl.inline_asm_elementwise(_L2_LINE_ASM, "=r,l,r", [sptr, first], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+HELPERS = (_l2_prefetch, _fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _w_tile_fast, _a_tile_fast)

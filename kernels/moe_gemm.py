@@ -32,6 +32,11 @@ class GemmTiles:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # GEMM 2 only: K split over programs, partial sums reduced by the combine
+    # Latency hiding (kernels/moe_gemm_kernels._mainloop; notes/moe.md "Prefetch / latency"):
+    # prefetch = d > 0: each k-step asks L2 for the weight bytes of the step d ahead (no
+    # register cost); wide_loads: 16-byte code loads instead of 4-byte ones. Results unchanged.
+    prefetch: int = 0
+    wide_loads: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "group_m", "num_warps"):
@@ -42,6 +47,8 @@ class GemmTiles:
             raise ValueError(f"GemmTiles: block_n ≥ 16 and block_k ≥ 32, got {self}")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"GemmTiles: num_stages and split_k must be ≥ 1, got {self}")
+        if not 0 <= self.prefetch <= 8:
+            raise ValueError(f"GemmTiles.prefetch must be 0 … 8 k-steps, got {self.prefetch}")
 
 
 def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n: int, k: int,
@@ -59,6 +66,14 @@ def _check_mxfp4(name: str, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, n
     for t in (w, s, b):
         if t.device != device:
             raise ValueError(f"{name}: weights on {t.device}, activations on {device}")
+
+
+def _check_latency_options(name: str, w: torch.Tensor, tiles: GemmTiles) -> None:
+    """wide_loads reads 16-byte runs of codes and prefetch's sector addresses assume them."""
+    if (tiles.prefetch or tiles.wide_loads) and (
+            w.data_ptr() % 16 or w.stride(0) % 16 or w.stride(1) % 16):
+        raise ValueError(f"{name}: prefetch/wide_loads need codes 16-byte aligned with 16-byte "
+                         "row strides (K a multiple of 32)")
 
 
 def compiled(device: torch.device) -> bool:
@@ -79,7 +94,8 @@ def _launch_args(tiles: GemmTiles, dtype: torch.dtype, fast: bool, device: torch
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
                 SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32, FAST=fast,
                 EMULATE=not compiled(device),  # the interpreter cannot run PTX
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_args(pdl, device))
+                PREFETCH=tiles.prefetch, WIDE=tiles.wide_loads, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages, **pdl_args(pdl, device))
 
 
 def gemm1_swiglu(
@@ -95,6 +111,7 @@ def gemm1_swiglu(
     t, h = x.shape
     e, n2 = w.shape[0], w.shape[1]
     _check_mxfp4("gemm1", w, s, b, n2, h, e, x.device)
+    _check_latency_options("gemm1", w, tiles)
     if n2 % 2 or plan.pos.shape[0] != t * top_k:
         raise ValueError(f"gemm1: 2I = {n2} must be even and the plan must hold T·k = {t * top_k}")
     if tiles.split_k != 1:
@@ -131,6 +148,7 @@ def gemm2_scale(
     rows, inter = act.shape
     e, h = w.shape[0], w.shape[1]
     _check_mxfp4("gemm2", w, s, b, h, inter, e, act.device)
+    _check_latency_options("gemm2", w, tiles)
     split = tiles.split_k
     dtype = (out_dtype or act.dtype) if split == 1 else torch.float32
     out = torch.empty(split, rows, h, dtype=dtype, device=act.device)

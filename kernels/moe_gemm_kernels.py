@@ -31,11 +31,14 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from kernels.jit import KernelSet
 from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
     _E2M1_X4_ASM,
+    _L2_ASM,
+    _L2_LINE_ASM,
     HELPERS,
     _a_tile,
     _a_tile_fast,
     _e2m1_x4_emulated,
     _fp4_f32,
+    _l2_prefetch,
     _w_tile,
     _w_tile_fast,
 )
@@ -92,11 +95,12 @@ def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
 @jit
 def _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTYPE: tl.constexpr,
             BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
-            FAST: tl.constexpr, EMULATE: tl.constexpr, MASK_K: tl.constexpr):
+            FAST: tl.constexpr, EMULATE: tl.constexpr, MASK_K: tl.constexpr,
+            WIDE: tl.constexpr):
     if FAST:
         xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
         w = _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, k_hi, BLOCK_K, EMULATE,
-                         MASK_K)
+                         MASK_K, WIDE)
         acc = _mma1(xa, w, acc, SWAP_AB)
     else:
         ae, ao = _a_tile(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
@@ -110,17 +114,34 @@ def _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTY
 @jit
 def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
               A_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-              IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
+              IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr,
+              PREFETCH: tl.constexpr, WIDE: tl.constexpr):
     """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB). Rows
     are all in bounds (callers clamp them and mask the stores): the whole K blocks load without
-    any mask; only a last partial block masks at k_hi."""
+    any mask; only a last partial block masks at k_hi.
+    PREFETCH = d > 0: before step i's loads, ask L2 for the codes and exponents of step i + d
+    (kernels/moe_dequant._l2_prefetch; steps 1 … d−1 before the loop), so d steps of weight bytes
+    are on their way from DRAM while a step waits for its own loads and does its math — without
+    registers (a register-carried prefetch was tried: the loop-carried raw tile keeps Triton
+    from moving the MMA operand's layout conversion onto the bytes, see notes/moe.md). The
+    step's loads then wait an L2 round trip; num_stages ≥ 2 can hide that one. WIDE: 16-byte
+    code loads (kernels/moe_dequant._w_tile_fast). Neither changes any result."""
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    k_last = k_full - BLOCK_K  # prefetches past the last whole step re-ask for it (in bounds)
+    if PREFETCH > 1:  # noqa: SIM102 - a constexpr branch around a runtime one
+        if k_full > k_lo:
+            for j in tl.static_range(1, PREFETCH):
+                _l2_prefetch(W, S, w_row, s_row, stride_sg,
+                             tl.minimum(k_lo + j * BLOCK_K, k_last), BLOCK_K, EMULATE)
     for k0 in range(k_lo, k_full, BLOCK_K):
+        if PREFETCH > 0:
+            _l2_prefetch(W, S, w_row, s_row, stride_sg,
+                         tl.minimum(k0 + PREFETCH * BLOCK_K, k_last), BLOCK_K, EMULATE)
         acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTYPE,
-                      BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False)
+                      BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False, WIDE)
     if k_full < k_hi:
         acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_full, k_hi, acc,
-                      A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, True)
+                      A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, True, False)
     return acc
 
 
@@ -138,7 +159,8 @@ def _gemm1_swiglu_kernel(
     SORTED, TILE_E, TILE_START, TILE_END, OUT, stride_o, N2, K, MAX_TILES, alpha, limit,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-    EMULATE: tl.constexpr, PDL: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    WIDE: tl.constexpr = False,
 ):
     """OUT[row, n] = swiglu(h[2n], h[2n+1]), h = x[token(row)]·W1[e]ᵀ + b1[e]; a program owns
     BLOCK_N consecutive (interleaved gate/linear) rows of W1 and splits them after the dot."""
@@ -161,7 +183,7 @@ def _gemm1_swiglu_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _mainloop(X, tok.to(tl.int64) * stride_x, W, S, w_row, s_row, n2 < N2, stride_sg, 0, K,
-                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE)
+                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, PREFETCH, WIDE)
     bias = tl.load(B + e64 * stride_be + n2, mask=n2 < N2, other=0.0)
     n = pid_n * HALF + tl.arange(0, HALF)  # swiglu outputs
     if SWAP_AB:
@@ -206,7 +228,8 @@ def _gemm2_scale_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT_K: tl.constexpr, FUSE_COMBINE: tl.constexpr,
-    TOPK: tl.constexpr, COMBINE_T: tl.constexpr, PDL: tl.constexpr,
+    TOPK: tl.constexpr, COMBINE_T: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    WIDE: tl.constexpr = False,
 ):
     """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H. With SPLIT_K > 1
     program s sums its share of K into OUT[s] (fp32; bias on s = 0 only, no rounding).
@@ -236,7 +259,7 @@ def _gemm2_scale_kernel(
     a_row = tl.minimum(rows, ROWS - 1).to(tl.int64) * stride_a  # in bounds; stores are masked
     acc = _mainloop(A, a_row, W, S, w_row, s_row, nmask, stride_sg, k_lo,
                     tl.minimum(k_lo + k_len, K), acc, A.dtype.element_ty, BLOCK_K, SWAP_AB, IEEE,
-                    FAST, EMULATE)
+                    FAST, EMULATE, PREFETCH, WIDE)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]
