@@ -55,8 +55,9 @@ GEMV = replace(DECODE_FEW, gemv=GemvConfig(GemvTiles(32, 256), GemvTiles(32, 256
 # (296 µs vs 303 for the tile path at 8 tokens of 20b, 302 vs 418 for 120b).
 GEMV_FEW = replace(GEMV, gemv=GemvConfig(GemvTiles(16, 512), GemvTiles(16, 512, split_k=2)))
 GEMV_MANY = replace(GEMV, gemv=GemvConfig(GemvTiles(32, 128), GemvTiles(32, 128)))
-GEMV_FEW_PAIRS = 8
-GEMV_MAX_PAIRS = 32
+# Up to 64 pairs the GEMV beat the tile path in the 2026-11-25 H100 sweep (16 tokens of 20b:
+# 319-339 µs vs 416; of 120b: 373 vs 660).
+GEMV_MAX_PAIRS = 64
 # 32-row tiles: the fp32-activation fallback (they fit shared memory with fp32 x).
 TILES_32 = MoEConfig(32, GemmTiles(128, 128, swap_ab=True), GemmTiles(128, 128, swap_ab=True))
 # 128 tokens × 128 weight rows × k256, 8 warps: ≈ 12 (GEMM 1) / 9.4 (GEMM 2) instructions per
@@ -79,6 +80,12 @@ def _gemv(n: int, k: int, split: int, dequant: str, warps: int = 4) -> MoEConfig
         GemvTiles(n, k, num_warps=warps, split_k=split, dequant=dequant)))
 
 
+# The GEMV default from the H100 sweep of 2026-11-25 (bench/results/moe.jsonl): the fast "f32"
+# step (exact products, fp32 sums) led or tied at 1-16 tokens of both shapes (one 20b token:
+# 48 µs vs 61 for the exact step; "f16" was no faster, the GEMV no longer being issue bound),
+# and the H-split fused router saved another ≈5 µs (48 vs 53 µs with the f16 step).
+GEMV_FAST = replace(_gemv(32, 256, 2, "f32"), fused_router=True)
+
 GEMV_CANDIDATES = {
     "g_n16k512": GEMV_FEW,  # the defaults until the fast step is measured
     "g_n32k128nos": GEMV_MANY,
@@ -93,6 +100,7 @@ GEMV_CANDIDATES = {
     "g_n128k128nosf32": _gemv(128, 128, 1, "f32"),
     # the router GEMV and routing in one launch (kernels/moe_router.py, split along H)
     "g_n32k256f16fr": replace(_gemv(32, 256, 2, "f16"), fused_router=True),
+    "g_n32k256f32fr": GEMV_FAST,
 }
 # (Losers of the 2026-11-25 H100 sweeps, dropped to save GPU time; their figures are in
 # bench/results/moe.jsonl: k256/k512 stage variants, split-K 4, 8-warp GEMV, PDL, exact.)
@@ -119,6 +127,10 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         out.update(DECODE_CANDIDATES)
     if rows >= 4:
         out.update(PREFILL_CANDIDATES)
+    if rows > 4:  # the latency-hiding tiles (kernels/moe_configs_latency.py)
+        from kernels.moe_configs_latency import LATENCY_CANDIDATES
+
+        out.update(LATENCY_CANDIDATES)
     # plain launches first, then the fused router and programmatic dependent launch
     return dict(sorted(out.items(), key=lambda kv: kv[1].pdl or kv[1].fused_router))
 
@@ -129,7 +141,7 @@ def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     rows = tokens * top_k / num_experts
     pairs = tokens * top_k
     if pairs <= GEMV_MAX_PAIRS:
-        return GEMV_FEW if pairs <= GEMV_FEW_PAIRS else GEMV_MANY
+        return GEMV_FAST
     if rows <= 16:
         return DECODE
     return MIDDLE if rows <= 48 else PREFILL

@@ -98,7 +98,8 @@ def test_no_tokens() -> None:
 
 def test_config_follows_rows_per_expert() -> None:
     assert choose_config(1, 4, 32).gemv is not None  # small batches: GEMVs (test_kernel_moe_gemv)
-    assert choose_config(16, 4, 32) is DECODE  # 64 pairs
+    assert choose_config(16, 4, 32).gemv is not None  # 64 pairs: still GEMVs
+    assert choose_config(17, 4, 32) is DECODE
     assert choose_config(64, 4, 128) is DECODE
     assert choose_config(256, 4, 32) is MIDDLE  # 32 rows per expert
     assert choose_config(4096, 4, 32) is PREFILL

@@ -8,6 +8,7 @@ import torch
 
 from kernels.moe import moe_experts, prepare_moe, router_logits
 from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
+from kernels.moe_configs_latency import LATENCY_CANDIDATES
 from kernels.moe_gemm import GemmTiles, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import experts_ref
 from kernels.moe_routing import route, route_plan_ref
@@ -60,7 +61,7 @@ def test_compiled_fast_path_equals_its_interpreted_emulation(swap: bool) -> None
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=2e-3, atol=2e-3)
 
 
-CONFIGS = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES}
+CONFIGS = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES, **LATENCY_CANDIDATES}
 CFG_20B = ModelConfig(num_hidden_layers=1, num_experts=32)
 
 
@@ -73,7 +74,8 @@ def layer_20b():  # noqa: ANN201
     "name", sorted(CONFIGS, key=lambda n: CONFIGS[n].pdl or CONFIGS[n].fused_router))
 def test_every_candidate_config_matches_the_reference(name: str, layer_20b) -> None:  # noqa: ANN001
     cfg, layer = CFG_20B, layer_20b
-    tokens = 5 if name in DECODE_CANDIDATES else 300  # a decode batch / ≈ 37 rows per expert
+    # a decode batch / ≈ 37 rows per expert
+    tokens = 5 if CONFIGS[name].block_m == DECODE_CANDIDATES["d_swap128st1"].block_m else 300
     x = torch.randn(tokens, cfg.hidden_size, device="cuda", generator=torch.Generator(
         "cuda").manual_seed(tokens)).to(torch.bfloat16)
     mc: MoEConfig = CONFIGS[name]
