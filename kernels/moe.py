@@ -15,16 +15,18 @@ on the MMA's M side); prefill (many tokens per expert) uses large tensor-core ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kernels.moe_configs import (
     DECODE,
     DECODE_FEW,
+    DECODE_WIDE,
     GEMV,
     MIDDLE,
     PREFILL,
+    PREFILL_PF,
     TILES_32,
     MoEConfig,
     choose_config,
@@ -51,6 +53,8 @@ class MoEPrepared:
     b2: torch.Tensor  # [E, H] fp32
     fast_ok: bool = True  # every scale byte ≤ 136: the fp16 fast path is exact (kernels/moe_dequant)
     gemv_ok: bool = True  # every scale byte ≤ 240: the GEMV path is exact (kernels/moe_gemv)
+    # code rows 16-byte aligned (K a multiple of 32): the tiles' prefetch and 16-byte loads apply
+    aligned: bool = True
     # GEMM 2's per-N-block arrival counters for the fused combine; kernels leave them at zero.
     counters: torch.Tensor | None = None
 
@@ -97,6 +101,8 @@ def prepare_moe(layer: LayerWeights, check_scales: bool = True,
         w1=w1, s1=s1, b1=layer.mlp1_bias.float().contiguous(),
         w2=w2, s2=s2, b2=layer.mlp2_bias.float().contiguous(), fast_ok=fast_ok,
         gemv_ok=gemv_ok,
+        aligned=all(w.data_ptr() % 16 == 0 and w.stride(0) % 16 == 0 and w.stride(1) % 16 == 0
+                    for w in (w1, w2)),
         counters=torch.zeros(COUNTERS, dtype=torch.int32, device=w1.device),
     )
 
@@ -147,6 +153,8 @@ def moe_forward(
         # fp32 activations double the larger tiles' shared memory, past the H100's 227 KB for
         # the k256 tiles (273 KB measured); the 32-row tiles were measured to fit.
         cfg = TILES_32
+    if not p.aligned:  # codes viewed at an odd offset: the same tiles, plain loads
+        cfg = without_latency_options(cfg)
     x = x.contiguous()
     if cfg.fused_router and p.counters is not None and fits(x.shape[0], k, config.num_experts):
         plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),
@@ -154,6 +162,11 @@ def moe_forward(
     else:
         plan = route(router_logits(x, layer), k, cfg.block_m, cfg.pdl)
     return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit)
+
+
+def without_latency_options(cfg: MoEConfig) -> MoEConfig:
+    plain = {"prefetch": 0, "wide_loads": False}
+    return replace(cfg, gemm1=replace(cfg.gemm1, **plain), gemm2=replace(cfg.gemm2, **plain))
 
 
 def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
@@ -165,6 +178,7 @@ def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -
     )
 
 
-__all__ = ["DECODE", "DECODE_FEW", "GEMV", "MIDDLE", "PREFILL", "MoEConfig", "MoEPrepared",
+__all__ = ["DECODE", "DECODE_FEW", "DECODE_WIDE", "GEMV", "MIDDLE", "PREFILL", "PREFILL_PF",
+           "MoEConfig", "MoEPrepared",
            "choose_config", "groups_major", "moe_experts", "moe_forward", "moe_forward_ref",
            "prepare_moe", "router_logits"]

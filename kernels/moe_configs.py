@@ -69,7 +69,22 @@ K256 = MoEConfig(128, GemmTiles(128, 256, swap_ab=True, num_warps=8, num_stages=
 # and 4096 tokens for both shapes (2026-11-25, bench/results/moe.jsonl: 20b 657 µs vs 800 for the
 # 32-row tiles at 256 tokens; 3.95 ms vs 6.77 at 4096; 120b 4.76 ms vs 9.48 at 4096).
 PREFILL = MoEConfig(64, GemmTiles(128, 64, swap_ab=True), GemmTiles(128, 64, swap_ab=True))
-MIDDLE = PREFILL
+
+
+def _both(mc: MoEConfig, **changes: object) -> MoEConfig:
+    """mc with the same tile changes in both GEMMs."""
+    return replace(mc, gemm1=replace(mc.gemm1, **changes), gemm2=replace(mc.gemm2, **changes))
+
+
+# The defaults since the H100 sweep of 2026-11-25 (bench/results/moe.jsonl, commit 3bb1fdc):
+# the tile loops were latency bound (kernels/moe_configs_latency.py); 16-byte code loads alone
+# ("d_w") took 64 tokens of 20b from 454 to 296 µs, 128 from 604 to 384, 256 tokens of 120b
+# from 1511 to 1031; the L2 prefetch 4 steps ahead ("p_pf4w") took 256 tokens of 20b from 659
+# to 538 µs, 512 from 939 to 733, 4096 from 4056 to 2887 (and 120b: 4869 to 3561).
+# Both need 16-byte aligned code rows (prepare_moe checks; moe_forward drops them otherwise).
+DECODE_WIDE = _both(DECODE, wide_loads=True)
+PREFILL_PF = _both(PREFILL, prefetch=4, wide_loads=True)
+MIDDLE = PREFILL_PF
 
 # What bench/moe.py --sweep times (each checked against the oracle first). Kept small: every
 # entry is two or three kernel compiles on the GPU machine, whose time is scarce.
@@ -127,7 +142,7 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         out.update(DECODE_CANDIDATES)
     if rows >= 4:
         out.update(PREFILL_CANDIDATES)
-    if rows > 4:  # the latency-hiding tiles (kernels/moe_configs_latency.py)
+    if rows > 1:  # the latency-hiding tiles (kernels/moe_configs_latency.py)
         from kernels.moe_configs_latency import LATENCY_CANDIDATES
 
         out.update(LATENCY_CANDIDATES)
@@ -136,12 +151,12 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """By the average rows per expert: decode tiles up to 16, 32-row tiles up to 48, then
-    prefill tiles; GEMVs up to GEMV_MAX_PAIRS (token, expert) pairs."""
+    """GEMVs up to GEMV_MAX_PAIRS (token, expert) pairs, then by the average rows per expert:
+    16-row decode tiles up to 16, 64-row prefill tiles above."""
     rows = tokens * top_k / num_experts
     pairs = tokens * top_k
     if pairs <= GEMV_MAX_PAIRS:
         return GEMV_FAST
     if rows <= 16:
-        return DECODE
-    return MIDDLE if rows <= 48 else PREFILL
+        return DECODE_WIDE
+    return PREFILL_PF

@@ -12,8 +12,8 @@ import torch
 
 from kernels.moe import (
     DECODE,
-    MIDDLE,
-    PREFILL,
+    DECODE_WIDE,
+    PREFILL_PF,
     MoEConfig,
     choose_config,
     moe_forward,
@@ -51,6 +51,8 @@ def tiny(hidden: int, inter: int, experts: int, top_k: int) -> ModelConfig:
         (96, 96, 32, 4, 3, torch.float16, SMALL_SWAP),
         (64, 64, 32, 4, 5, torch.float32, FUSED_ROUTER),  # router + routing in one launch
         (64, 64, 32, 4, 6, torch.float16, FUSED_ROUTER),
+        (64, 64, 8, 2, 40, torch.float16, None),  # default: 16-byte code loads
+        (64, 64, 4, 2, 40, torch.float16, None),  # default: L2 prefetch + 16-byte loads
     ],
 )
 def test_moe_layer_matches_the_torch_reference(
@@ -65,6 +67,22 @@ def test_moe_layer_matches_the_torch_reference(
     assert got.dtype == dtype and got.shape == (tokens, hidden)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-3, atol=3e-3)
     torch.testing.assert_close(got, want, **tol)
+
+
+def test_misaligned_codes_fall_back_to_the_plain_tiles() -> None:
+    """The 16-byte loads and the prefetch need 16-byte aligned code rows; codes that are a view
+    at an odd offset (a checkpoint's packed buffer) run the same tiles without them."""
+    cfg = tiny(64, 64, 8, 2)
+    layer = random_layer(cfg, 0, seed=9, dtype=torch.float16)
+    blocks = layer.mlp1_blocks
+    buf = torch.empty(blocks.numel() + 1, dtype=blocks.dtype)
+    buf[1:] = blocks.reshape(-1)
+    layer.mlp1_blocks = buf[1:].view(blocks.shape)  # 1 byte past an aligned allocation
+    prepared = prepare_moe(layer)
+    assert not prepared.aligned
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(9)).to(torch.float16)
+    got = moe_forward(x, layer, cfg, prepared, DECODE_WIDE)
+    torch.testing.assert_close(got, moe_forward_ref(x, layer, cfg), rtol=3e-3, atol=3e-3)
 
 
 def test_every_token_on_one_expert() -> None:
@@ -99,10 +117,10 @@ def test_no_tokens() -> None:
 def test_config_follows_rows_per_expert() -> None:
     assert choose_config(1, 4, 32).gemv is not None  # small batches: GEMVs (test_kernel_moe_gemv)
     assert choose_config(16, 4, 32).gemv is not None  # 64 pairs: still GEMVs
-    assert choose_config(17, 4, 32) is DECODE
-    assert choose_config(64, 4, 128) is DECODE
-    assert choose_config(256, 4, 32) is MIDDLE  # 32 rows per expert
-    assert choose_config(4096, 4, 32) is PREFILL
+    assert choose_config(17, 4, 32) is DECODE_WIDE
+    assert choose_config(64, 4, 128) is DECODE_WIDE
+    assert choose_config(256, 4, 32) is PREFILL_PF  # 32 rows per expert
+    assert choose_config(4096, 4, 32) is PREFILL_PF
 
 
 # ---- GPU, real shapes ------------------------------------------------------------------------------
