@@ -4,7 +4,10 @@ errors by code; a text table; the `bench: load` JSON lines.
 Latencies are in milliseconds everywhere in the output (`unit: ms`). TTFT is from sending the
 request to its first token; ITL is the gap between consecutive tokens of one stream (a message
 carrying k tokens counts k gaps of 1/k of its wait); e2e is from sending to the last message.
-Throughput divides by the wall time from the first request sent to the last one done.
+Throughput divides by the wall time from the first request sent to the last one done. With a
+fixed concurrency that wall time ends with a drain (no new requests, the long-tailed last few
+finishing at small batch sizes), so `steady_output_tok_s` also counts only the tokens that
+arrived while every client still had a request in flight: up to the last request sent.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, concurrency: int,
     itl = [gap for r in done for gap in r.itl_s]
     tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in done
             if r.output_tokens > 1 and r.e2e_s is not None and r.ttft_s is not None]
+    steady_end = max((r.sent_s for r in records), default=0.0)
+    steady_tokens = sum(tokens_before(r, steady_end) for r in records)
     result = {
         "concurrency": concurrency,
         "rate": rate,
@@ -92,6 +97,10 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, concurrency: int,
             "output_tok_s": round(out_tokens / wall, 2),
             "total_tok_s": round((out_tokens + sum(r.prompt_tokens for r in done)) / wall, 2),
             "requests_s": round(len(done) / wall, 4),
+            # closed loop (no rate): before the drain; None when there is no such window
+            "steady_output_tok_s": (round(steady_tokens / steady_end, 2)
+                                    if rate is None and steady_end > 0 else None),
+            "steady_s": round(steady_end, 4),
         },
         "errors": dict(sorted(Counter(r.error for r in records if r.error).items())),
         "finish_reasons": dict(sorted(Counter(r.finish for r in records if r.finish).items())),
@@ -101,20 +110,39 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, concurrency: int,
     return result
 
 
+def tokens_before(rec: RequestRecord, t_s: float) -> int:
+    """Tokens of the stream that arrived before `t_s` (seconds since the run started), from its
+    send time, TTFT and inter-token gaps."""
+    if rec.ttft_s is None or rec.output_tokens == 0:
+        return 0
+    now = rec.sent_s + rec.ttft_s
+    if now > t_s:
+        return 0
+    first = rec.output_tokens - len(rec.itl_s)  # tokens in the first message
+    n = first
+    for gap in rec.itl_s:
+        now += gap
+        if now > t_s:
+            break
+        n += 1
+    return n
+
+
 def table(results: Iterable[dict]) -> str:
     """A fixed-width text table, one row per concurrency level."""
-    head = (f"{'conc':>5} {'reqs':>5} {'err':>4} {'out tok/s':>10} {'req/s':>7} "
+    head = (f"{'conc':>5} {'reqs':>5} {'err':>4} {'out tok/s':>10} {'steady':>8} {'req/s':>7} "
             f"{'ttft p50':>9} {'p99':>9} {'itl p50':>8} {'p99':>8} {'e2e p50':>9} {'p99':>9} {'cpu':>5}")
     rows = [head]
     for r in results:
         t, f = r["throughput"], _fmt
         rows.append(
             f"{r['concurrency']:>5} {t['requests']:>5} {t['failed']:>4} {t['output_tok_s']:>10.1f} "
-            f"{t['requests_s']:>7.2f} {f(r['ttft']['p50']):>9} {f(r['ttft']['p99']):>9} "
+            f"{f(t.get('steady_output_tok_s')):>8} {t['requests_s']:>7.2f} {f(r['ttft']['p50']):>9} {f(r['ttft']['p99']):>9} "
             f"{f(r['itl']['p50']):>8} {f(r['itl']['p99']):>8} {f(r['e2e']['p50']):>9} "
             f"{f(r['e2e']['p99']):>9} {r.get('client_cpu_util', float('nan')):>5.2f}"
         )
-    rows.append("latencies in ms; cpu: the bench client's share of one core (near 1: client-bound)")
+    rows.append("latencies in ms; steady: out tok/s before the drain (every client busy); cpu: "
+                "the bench client's share of one core (near 1: client-bound)")
     return "\n".join(rows)
 
 
@@ -138,7 +166,8 @@ def load_line(result: dict, *, device: str, commit: str, model: str = "",
     t = result["throughput"]
     return {
         "bench": "load", "concurrency": result["concurrency"], "rate": result["rate"],
-        "out_tok_s": t["output_tok_s"], "req_s": t["requests_s"],
+        "out_tok_s": t["output_tok_s"], "steady_out_tok_s": t.get("steady_output_tok_s"),
+        "req_s": t["requests_s"],
         "ttft_p50": result["ttft"]["p50"], "ttft_p99": result["ttft"]["p99"],
         "itl_p50": result["itl"]["p50"], "itl_p99": result["itl"]["p99"],
         "e2e_p50": result["e2e"]["p50"], "requests": t["requests"], "failed": t["failed"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.lengths import LengthDist, clip_lengths, make_workload
-from bench.report import percentile
+from bench.report import RequestRecord, percentile, summarize, tokens_before
 from bench.sweep import BenchOptions, resolve_levels, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +139,21 @@ def test_percentile_interpolates_like_numpy() -> None:
     xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.3]
     for q in (0, 10, 50, 90, 99, 100):
         assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def test_steady_throughput_counts_only_tokens_before_the_drain() -> None:
+    """A closed loop ends with a drain; the steady figure stops at the last request sent."""
+    a = RequestRecord(0, 10, 5, sent_s=0.0, ttft_s=1.0, e2e_s=5.0, output_tokens=5,
+                      itl_s=[1.0] * 4, finish="LENGTH")  # tokens at 1, 2, 3, 4, 5 s
+    b = RequestRecord(1, 10, 3, sent_s=2.5, ttft_s=0.5, e2e_s=1.5, output_tokens=3,
+                      itl_s=[0.5, 0.5], finish="LENGTH")  # tokens at 3, 3.5, 4 s
+    assert [tokens_before(a, t) for t in (0.5, 1.0, 2.5, 9.0)] == [0, 1, 2, 5]
+    assert tokens_before(b, 2.5) == 0 and tokens_before(b, 3.6) == 2
+    t = summarize([a, b], wall_s=5.0, concurrency=1)["throughput"]
+    assert t["output_tok_s"] == pytest.approx(8 / 5.0)
+    assert t["steady_output_tok_s"] == pytest.approx(2 / 2.5)  # a's tokens at 1 s and 2 s
+    assert summarize([a, b], wall_s=5.0, concurrency=1, rate=2.0)["throughput"][
+        "steady_output_tok_s"] is None  # Poisson arrivals: no closed-loop window
 
 
 def test_max_concurrency_means_the_server_slots_and_levels_run_once() -> None:
