@@ -157,6 +157,9 @@ class Scheduler:
                 work.append(self._work(req, chunk))
                 budget -= chunk
         hits = 0
+        decoding = sum(1 for req in self._running if req.output_ids)
+        if self._waiting and not self._admission_due(budget, decoding):
+            return (StepPlan(tuple(work)) if work else None), hits
         while self._waiting and budget > 0 and self.slots.num_free:
             req = self._waiting.popleft()
             hits += self._admit(req)
@@ -164,6 +167,20 @@ class Scheduler:
             work.append(self._work(req, chunk))
             budget -= chunk
         return (StepPlan(tuple(work)) if work else None), hits
+
+    def _admission_due(self, budget: int, decoding: int) -> bool:
+        """Whether this step admits waiting requests (SchedulerConfig: prefill batching)."""
+        cfg = self.config
+        if cfg.prefill_batch_tokens == 0 or decoding < cfg.prefill_batch_min_running:
+            return True
+        if self._clock() - self._waiting[0].arrival_s >= cfg.prefill_max_wait_s:
+            return True
+        want, pending = min(cfg.prefill_batch_tokens, budget), 0
+        for req in self._waiting:
+            pending += len(req.prompt_ids)
+            if pending >= want:
+                return True
+        return False
 
     def _admit(self, req: Request) -> int:
         slot, reused = self.slots.acquire(

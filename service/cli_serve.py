@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chunk-tokens", type=int, default=512, help="prefill chunk per request")
     p.add_argument("--max-step-tokens", type=int, default=2048, help="tokens per engine step")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before refusing")
+    p.add_argument("--prefill-batch-tokens", type=int, default=1536,
+                   help="under load (≥ 32 streams decoding), admit new requests once their "
+                        "prompts add up to this many tokens (0: at once)")
+    p.add_argument("--prefill-max-wait-ms", type=float, default=250.0,
+                   help="…or once the oldest waiting request has waited this long")
     p.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens accepted (default: the context)")
     p.add_argument("--grace-period", type=float, default=30.0,
@@ -55,6 +60,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a ServerConfig
         cuda_graphs=not args.no_cuda_graphs, max_slots=args.max_slots,
         max_context=args.max_context, max_chunk_tokens=args.max_chunk_tokens,
         max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
+        prefill_batch_tokens=args.prefill_batch_tokens,
+        prefill_max_wait_s=args.prefill_max_wait_ms / 1e3,
         max_new_tokens_limit=args.max_new_tokens_limit, grace_period_s=args.grace_period,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token,
     )

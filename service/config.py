@@ -24,6 +24,9 @@ class ServerConfig:
     # scheduling and limits
     max_step_tokens: int = 2048  # tokens per engine step, decode tokens of running requests first
     max_queue: int = 256  # waiting requests beyond the slots; then RESOURCE_EXHAUSTED
+    # prefill batching under load (scheduler/config.py): 0 tokens = admit at once
+    prefill_batch_tokens: int = 1536
+    prefill_max_wait_s: float = 0.25
     max_new_tokens_limit: int | None = None  # None: the context size
     max_request_bytes: int = 4 << 20  # larger requests: INVALID_ARGUMENT (gRPC refuses 2× that)
     grace_period_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
@@ -42,6 +45,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be ≥ 0, got {self.max_queue}")
+        if self.prefill_batch_tokens < 0 or not 0 <= self.prefill_max_wait_s <= 60:
+            raise ValueError("prefill_batch_tokens must be ≥ 0 and prefill_max_wait_s in [0, 60]")
         if self.max_step_tokens < self.max_slots:
             raise ValueError(
                 f"max_step_tokens ({self.max_step_tokens}) must be ≥ max_slots ({self.max_slots})"

@@ -106,6 +106,8 @@ class ServerHandle:
                 max_chunk_tokens=engine.max_chunk_tokens,
                 max_step_tokens=max(cfg.max_step_tokens, engine.max_slots),
                 max_queue=cfg.max_queue, prefix_reuse_slack=engine.prefix_reuse_slack,
+                prefill_batch_tokens=cfg.prefill_batch_tokens,
+                prefill_max_wait_s=cfg.prefill_max_wait_s,
                 eos_token_ids=mc.eos_token_ids,
             ),
             decode=_text_decoder(engine.tokenizer),

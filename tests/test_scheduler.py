@@ -257,6 +257,58 @@ def test_engine_failure_fails_the_step_requests_and_frees_their_slots() -> None:
     assert s.slots.num_used == 0 and not s.has_work()
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_under_load_new_prompts_are_batched_into_fewer_prefill_steps() -> None:
+    """With ≥ 2 streams decoding, a new prompt waits for company (8 prompt tokens) or 0.5 s; a
+    lone arrival at low load is admitted at once. Outputs are unchanged."""
+    clock = Clock()
+    engine = FakeEngine(max_slots=8, max_context=256, max_chunk_tokens=32)
+    config = SchedulerConfig(max_slots=8, max_context=256, max_chunk_tokens=32,
+                             prefill_batch_tokens=8, prefill_max_wait_s=0.5,
+                             prefill_batch_min_running=2)
+    s = Scheduler(config, decode=TOK.decode, clock=clock)
+    outs: dict[str, list[RequestOutput]] = {}
+
+    def step() -> list[int]:
+        for o in s.step(engine):
+            outs.setdefault(o.request_id, []).append(o)
+        return [len(w.token_ids) for w in engine.plans[-1].work]
+
+    s.add(req("a", b"aaa", n=40))
+    assert step() == [3]  # nobody decoding: admitted at once
+    s.add(req("b", b"bbb", n=40))
+    assert step() == [1, 3]  # one decoding (below the threshold of 2): at once
+    s.add(req("c", b"ccc", n=3))
+    assert step() == [1, 1]  # two decoding: c's 3 prompt tokens wait for company
+    s.add(req("d", b"ddddd", n=3))
+    assert step() == [1, 1, 3, 5]  # 8 prompt tokens waiting: both in one step
+    s.add(req("e", b"e", n=3))
+    assert step() == [1, 1, 1, 1]  # e waits…
+    clock.now += 0.5
+    assert step()[-1] == 1 and engine.plans[-1].work[-1].token_ids == tuple(b"e")  # …≤ 0.5 s
+    for o in run_all(s, engine).items():
+        outs.setdefault(o[0], []).extend(o[1])
+    for rid, prompt in (("c", b"ccc"), ("d", b"ddddd"), ("e", b"e")):
+        assert tokens(outs[rid]) == generate_alone(list(prompt), 3)
+
+
+def test_prefill_batching_can_be_turned_off() -> None:
+    engine = FakeEngine(max_slots=4)
+    s, engine, _ = make(engine, prefill_batch_tokens=0, prefill_batch_min_running=0)
+    s.add(req("a", b"aaa", n=20))
+    s.step(engine)
+    s.add(req("b", b"b", n=20))
+    s.step(engine)
+    assert [len(w.token_ids) for w in engine.plans[-1].work] == [1, 1]  # b admitted at once
+
+
 def test_config_rejects_a_budget_smaller_than_the_decode_batch() -> None:
     with pytest.raises(ValueError, match="max_step_tokens"):
         SchedulerConfig(max_slots=8, max_context=64, max_step_tokens=4)
