@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -213,8 +214,15 @@ async def start_server(config: ServerConfig, engine=None, wait_ready: bool = Tru
     return handle
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 async def serve(config: ServerConfig, port_file: str | None = None) -> int:
     """The `serve` command: run until SIGTERM/SIGINT, then drain. Returns an exit code."""
+    # The engine thread needs the GIL for a moment around every step (staging the batch,
+    # launching, reading the tokens back) while the event loop streams hundreds of replies; at
+    # the default 5 ms switch interval it waited up to 5 ms per hand-over, and the GPU with it.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     handle = await start_server(config, wait_ready=False)
     if port_file:
         tmp = f"{port_file}.tmp"
