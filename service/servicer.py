@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -47,6 +47,12 @@ def _logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
         )
         for t in out.logprobs
     ]
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one (b's finish, usage and error, if any)."""
+    return replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text,
+                   logprobs=a.logprobs + b.logprobs)
 
 
 def _message(request_id: str, out: RequestOutput) -> pb.GenerateResponse:
@@ -121,6 +127,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             while not finished:
                 out = await queue.get()
+                while not out.finished and not queue.empty():
+                    # Behind by a step or more (a slow reader, a busy event loop): one message
+                    # for all that is ready — fewer writes exactly when writing is the bottleneck.
+                    out = _merge(out, queue.get_nowait())
                 finished = out.finished
                 if finished:
                     log.info(

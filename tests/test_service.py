@@ -12,7 +12,7 @@ from proto.gptoss.v1 import generate_pb2 as pb
 from runtime.types import GREEDY
 from service.client import AsyncGenerationClient, GenerationClient, build_request
 from tests.conftest import scrape
-from tests.service_fakes import EOS, ByteTokenizer, FakeEngine
+from tests.service_fakes import EOS, ByteTokenizer, FakeEngine, Throttled
 
 GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
 
@@ -124,7 +124,9 @@ def test_model_eos_stops_unless_ignore_eos(client) -> None:  # noqa: ANN001
 
 def test_multibyte_utf8_is_never_split_across_messages(make_server) -> None:  # noqa: ANN001
     text = "héllo → 数字 😀 ok"
-    engine = FakeEngine(script=ByteTokenizer().encode(text))
+    # 20 ms steps: the reader keeps up, so each step is its own message (a reader that falls
+    # behind gets the ready steps merged into one, tests/test_service_coalesce.py)
+    engine = Throttled(FakeEngine(script=ByteTokenizer().encode(text)), delay_s=0.02)
     server = make_server(engine=engine)
     with GenerationClient(server.target, timeout=30) as c:
         ids, streamed, msgs = collect(c.stream([65], max_new_tokens=64))
