@@ -7,7 +7,8 @@ carrying k tokens counts k gaps of 1/k of its wait); e2e is from sending to the 
 Throughput divides by the wall time from the first request sent to the last one done. With a
 fixed concurrency that wall time ends with a drain (no new requests, the long-tailed last few
 finishing at small batch sizes), so `steady_output_tok_s` also counts only the tokens that
-arrived while every client still had a request in flight: up to the last request sent.
+arrived while every client still had a request in flight: up to the last request sent (the
+window includes the start-up ramp; None when no request waited for a free client).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, concurrency: int,
             "requests_s": round(len(done) / wall, 4),
             # closed loop (no rate): before the drain; None when there is no such window
             "steady_output_tok_s": (round(steady_tokens / steady_end, 2)
-                                    if rate is None and steady_end > 0 else None),
+                                    if rate is None and steady_end > 0
+                                    and len(records) > concurrency else None),
             "steady_s": round(steady_end, 4),
         },
         "errors": dict(sorted(Counter(r.error for r in records if r.error).items())),

@@ -5,7 +5,7 @@
     plan         = route(logits)                           kernels/moe_routing.py
 Each of ⌈E / E_BLOCK⌉ × H_SPLIT programs computes partial sums of E_BLOCK experts' logits over
 one slice of the hidden size for every token (the router weight, E·H·2 bytes, is read once,
-spread over the GPU: 64 programs of 2.9 KB each for one token of 20b, where 8 programs walking
+spread over the GPU: 64 programs of ≤ 3 KB each for one token of 20b, where 8 programs walking
 all of H were latency bound), writes them, and bumps an arrival counter; the last program to
 arrive sums the slices in a fixed order (deterministic), adds the bias, rounds, routes the
 whole batch (one token block) and resets the counter for the next launch. This replaces a cuBLAS GEMV plus the routing launch.
@@ -53,7 +53,7 @@ def _router_kernel(
     tm = t < T
     e = pid * E_BLK + tl.arange(0, E_BLK)
     em = e < E
-    h_per = tl.cdiv(tl.cdiv(H, H_SPLIT), BLOCK_H) * BLOCK_H
+    h_per = tl.cdiv(tl.cdiv(H, BLOCK_H), H_SPLIT) * BLOCK_H  # whole blocks per slice
     h_lo = split * h_per
     acc = tl.zeros([T_PAD, E_BLK], dtype=tl.float32)
     for h0 in range(h_lo, tl.minimum(h_lo + h_per, H), BLOCK_H):
@@ -116,8 +116,10 @@ def route_fused(
     hist = torch.empty(1, lc.e_pad, dtype=torch.int32, device=x.device)
     t_pad = triton.next_power_of_2(t)
     part = torch.empty(H_SPLIT, t_pad, lc.e_pad, dtype=torch.float32, device=x.device)
-    # the [T, E_BLOCK, BLOCK_H] products stay at ≤ 8K elements (64 registers a thread)
-    block_h = min(triton.next_power_of_2(triton.cdiv(h, H_SPLIT)), 8192 // (t_pad * E_BLOCK))
+    # the [T, E_BLOCK, BLOCK_H] products stay at ≤ 8K elements (64 registers a thread); 128-wide
+    # blocks spread H = 2880 over all 8 slices (3 blocks each; 512-wide left 2 slices idle)
+    block_h = min(128, triton.next_power_of_2(triton.cdiv(h, H_SPLIT)),
+                  8192 // (t_pad * E_BLOCK))
     cst = lc.constexprs(top_k, block_m)
     jit["_router_kernel"][(triton.cdiv(e, E_BLOCK), H_SPLIT)](
         x, x.stride(0), gate_weight, gate_bias, part, logits, t, h, e, plan.experts,

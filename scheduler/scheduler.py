@@ -158,7 +158,8 @@ class Scheduler:
                 budget -= chunk
         hits = 0
         decoding = sum(1 for req in self._running if req.output_ids)
-        if self._waiting and not self._admission_due(budget, decoding):
+        chunked = len(work) > decoding  # a prompt chunk already makes this an eager step
+        if self._waiting and not chunked and not self._admission_due(budget, decoding):
             return (StepPlan(tuple(work)) if work else None), hits
         while self._waiting and budget > 0 and self.slots.num_free:
             req = self._waiting.popleft()
@@ -171,8 +172,9 @@ class Scheduler:
     def _admission_due(self, budget: int, decoding: int) -> bool:
         """Whether this step admits waiting requests (SchedulerConfig: prefill batching)."""
         cfg = self.config
-        if cfg.prefill_batch_tokens == 0 or decoding < cfg.prefill_batch_min_running:
-            return True
+        if (cfg.prefill_batch_tokens == 0 or decoding == 0
+                or decoding < cfg.prefill_batch_min_running):
+            return True  # (nothing decoding: holding back would leave the step empty)
         if self._clock() - self._waiting[0].arrival_s >= cfg.prefill_max_wait_s:
             return True
         want, pending = min(cfg.prefill_batch_tokens, budget), 0

@@ -124,13 +124,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs; aborts it if the caller goes away (cancel, deadline)."""
         finished = False
+        held: RequestOutput | None = None  # an error output read ahead: sent after the deltas
         try:
             while not finished:
-                out = await queue.get()
+                out, held = (held, None) if held is not None else (await queue.get(), None)
                 while not out.finished and not queue.empty():
                     # Behind by a step or more (a slow reader, a busy event loop): one message
                     # for all that is ready — fewer writes exactly when writing is the bottleneck.
-                    out = _merge(out, queue.get_nowait())
+                    nxt = queue.get_nowait()
+                    if nxt.finish_reason is FinishReason.ERROR:
+                        held = nxt  # the tokens before an error still reach the client
+                        break
+                    out = _merge(out, nxt)
                 finished = out.finished
                 if finished:
                     log.info(

@@ -149,6 +149,8 @@ def test_steady_throughput_counts_only_tokens_before_the_drain() -> None:
                       itl_s=[0.5, 0.5], finish="LENGTH")  # tokens at 3, 3.5, 4 s
     assert [tokens_before(a, t) for t in (0.5, 1.0, 2.5, 9.0)] == [0, 1, 2, 5]
     assert tokens_before(b, 2.5) == 0 and tokens_before(b, 3.6) == 2
+    assert summarize([a, b], wall_s=5.0, concurrency=2)["throughput"][
+        "steady_output_tok_s"] is None  # every request had its own client: no such window
     t = summarize([a, b], wall_s=5.0, concurrency=1)["throughput"]
     assert t["output_tok_s"] == pytest.approx(8 / 5.0)
     assert t["steady_output_tok_s"] == pytest.approx(2 / 2.5)  # a's tokens at 1 s and 2 s

@@ -299,6 +299,24 @@ def test_under_load_new_prompts_are_batched_into_fewer_prefill_steps() -> None:
         assert tokens(outs[rid]) == generate_alone(list(prompt), 3)
 
 
+def test_held_back_prompts_ride_along_with_a_chunk_and_never_leave_an_empty_step() -> None:
+    clock = Clock()
+    engine = FakeEngine(max_slots=8, max_context=256, max_chunk_tokens=4)
+    config = SchedulerConfig(max_slots=8, max_context=256, max_chunk_tokens=4,
+                             prefill_batch_tokens=10, prefill_max_wait_s=5.0,
+                             prefill_batch_min_running=0)
+    s = Scheduler(config, decode=TOK.decode, clock=clock)
+    s.add(req("a", b"aa", n=3))
+    s.step(engine)  # nothing decoding: admitted at once, even with min_running 0
+    assert [len(w.token_ids) for w in engine.plans[-1].work] == [2]
+    s.add(req("b", b"bbbbbbbbbb", n=3))  # 10 tokens (the threshold): fed in chunks of 4
+    s.step(engine)
+    assert [len(w.token_ids) for w in engine.plans[-1].work] == [1, 4]
+    s.add(req("c", b"cc", n=3))  # below the threshold, but b's chunk makes the step eager
+    s.step(engine)
+    assert [len(w.token_ids) for w in engine.plans[-1].work] == [1, 4, 2]
+
+
 def test_prefill_batching_can_be_turned_off() -> None:
     engine = FakeEngine(max_slots=4)
     s, engine, _ = make(engine, prefill_batch_tokens=0, prefill_batch_min_running=0)

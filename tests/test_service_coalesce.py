@@ -49,3 +49,28 @@ def test_a_reader_that_keeps_up_gets_one_message_per_step() -> None:
         return seen
 
     assert asyncio.run(collect()) == [(0,), (1,), (2,)]
+
+
+def test_tokens_before_an_error_are_sent_before_the_error() -> None:
+    class Aborted(Exception):
+        pass
+
+    class Context(_Context):
+        async def abort(self, code, message) -> None:  # noqa: ANN001
+            raise Aborted(code)
+
+    async def collect() -> tuple[list[tuple[int, ...]], bool]:
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        for out in (RequestOutput("r", (1,), "a"), RequestOutput("r", (2,), "b"),
+                    RequestOutput("r", finish_reason=FinishReason.ERROR, error="boom")):
+            queue.put_nowait(out)
+        seen: list[tuple[int, ...]] = []
+        try:
+            async for out in GenerationServicer(ServiceState())._outputs("r", queue, Context()):
+                seen.append(out.token_ids)
+        except Aborted:
+            return seen, True
+        return seen, False
+
+    seen, aborted = asyncio.run(collect())
+    assert seen == [(1, 2)] and aborted  # the ready tokens in one message, then the error
