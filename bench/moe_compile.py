@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", PART="*fp32",
                      LOGITS="*bf16", H=HID, COUNTER="*i32", T_PAD=t_pad, E_BLK=router.E_BLOCK,
                      H_SPLIT=router.H_SPLIT,
-                     BLOCK_H=min(128, triton.next_power_of_2(triton.cdiv(HID, router.H_SPLIT)),
+                     BLOCK_H=min(triton.next_power_of_2(triton.cdiv(HID, router.H_SPLIT)),
                                  8192 // (t_pad * router.E_BLOCK)))
             k = _compile(router, "_router_kernel", a, 4)
             print(report(k, f"router.t{t}.e{e}", args.sass))

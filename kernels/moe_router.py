@@ -5,8 +5,8 @@
     plan         = route(logits)                           kernels/moe_routing.py
 Each of ⌈E / E_BLOCK⌉ × H_SPLIT programs computes partial sums of E_BLOCK experts' logits over
 one slice of the hidden size for every token (the router weight, E·H·2 bytes, is read once,
-spread over the GPU: 64 programs of ≤ 3 KB each for one token of 20b, where 8 programs walking
-all of H were latency bound), writes them, and bumps an arrival counter; the last program to
+spread over the GPU: 48 busy programs of 4 KB each for one token of 20b, where 8 programs
+walking all of H were latency bound), writes them, and bumps an arrival counter; the last program to
 arrive sums the slices in a fixed order (deterministic), adds the bias, rounds, routes the
 whole batch (one token block) and resets the counter for the next launch. This replaces a cuBLAS GEMV plus the routing launch.
 Only for T ≤ 64 with routing in one token block (decode); otherwise use torch's linear and
@@ -116,10 +116,10 @@ def route_fused(
     hist = torch.empty(1, lc.e_pad, dtype=torch.int32, device=x.device)
     t_pad = triton.next_power_of_2(t)
     part = torch.empty(H_SPLIT, t_pad, lc.e_pad, dtype=torch.float32, device=x.device)
-    # the [T, E_BLOCK, BLOCK_H] products stay at ≤ 8K elements (64 registers a thread); 128-wide
-    # blocks spread H = 2880 over all 8 slices (3 blocks each; 512-wide left 2 slices idle)
-    block_h = min(128, triton.next_power_of_2(triton.cdiv(h, H_SPLIT)),
-                  8192 // (t_pad * E_BLOCK))
+    # the [T, E_BLOCK, BLOCK_H] products stay at ≤ 8K elements (64 registers a thread). One
+    # 512-wide block per slice: H = 2880 keeps 6 of the 8 slices busy, and that measured faster
+    # on the H100 than 128-wide blocks over all 8 (one 20b token: 42.7 vs 44.6 µs per layer).
+    block_h = min(triton.next_power_of_2(triton.cdiv(h, H_SPLIT)), 8192 // (t_pad * E_BLOCK))
     cst = lc.constexprs(top_k, block_m)
     jit["_router_kernel"][(triton.cdiv(e, E_BLOCK), H_SPLIT)](
         x, x.stride(0), gate_weight, gate_bias, part, logits, t, h, e, plan.experts,
