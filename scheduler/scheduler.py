@@ -116,16 +116,20 @@ class Scheduler:
     # ---- engine thread -------------------------------------------------------------------------
     def step(self, engine: StepEngine) -> list[RequestOutput]:
         """One scheduling round: take new requests and aborts, run one engine step, emit deltas."""
+        t0 = time.perf_counter()
         outputs = self._take_inbox()
         plan, hits = self.schedule()
         if plan is not None:
+            t1 = time.perf_counter()
             try:
                 result = engine.step(plan)
             except Exception as exc:  # the engine's state for these rows is unknown: fail them
                 log.exception("engine step failed; failing %d requests", len(plan.work))
                 outputs += self._fail(plan, f"engine step failed: {type(exc).__name__}: {exc}")
             else:
-                outputs += self.update(plan, result, hits)
+                t2 = time.perf_counter()
+                outputs += self.update(plan, result, hits,
+                                       before_s=(t1 - t0), started_s=t2)
         self._sink.on_gauges(self.gauges())
         return outputs
 
@@ -211,8 +215,11 @@ class Scheduler:
             output_token_ids=tuple(req.output_ids) if penalties else (),
         )
 
-    def update(self, plan: StepPlan, result: StepResult, hits: int = 0) -> list[RequestOutput]:
-        """Apply an engine step's result: advance positions, append tokens, check stops."""
+    def update(self, plan: StepPlan, result: StepResult, hits: int = 0, before_s: float = 0.0,
+               started_s: float | None = None) -> list[RequestOutput]:
+        """Apply an engine step's result: advance positions, append tokens, check stops.
+        before_s: the round's host time before Engine.step; started_s: perf_counter() when it
+        returned (the host time of this update is added to the step's scheduler_s)."""
         sampled = iter(result.tokens)
         outputs: list[RequestOutput] = []
         now = self._clock()
@@ -246,6 +253,8 @@ class Scheduler:
                 num_tokens=plan.num_tokens, cuda_graph=result.cuda_graph,
                 prompt_tokens=prompt_tokens, generated_tokens=generated, prefix_hit_tokens=hits,
                 ttft_s=tuple(ttft), inter_token_s=tuple(itl),
+                scheduler_s=before_s + (time.perf_counter() - started_s
+                                        if started_s is not None else 0.0),
             )
         )
         return outputs

@@ -18,6 +18,9 @@ class StepStats:
     prefix_hit_tokens: int  # prompt tokens skipped thanks to prefix reuse (admitted this step)
     ttft_s: tuple[float, ...] = ()  # arrival → first token, for requests that got it this step
     inter_token_s: tuple[float, ...] = ()  # gaps between consecutive tokens of one request
+    # the round's host time outside Engine.step (admission, planning, detokenization, stop
+    # checks): time the GPU waits unless it overlaps something
+    scheduler_s: float = 0.0
 
 
 @dataclass(frozen=True)

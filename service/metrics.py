@@ -70,6 +70,11 @@ class Metrics:
             "step_duration_seconds", "Engine step time.", STEP_BUCKETS, labels=("kind",)
         )
         self.batch = hist("batch_size", "Sequences per engine step.", BATCH_BUCKETS)
+        self.scheduler_time = hist(
+            "scheduler_host_seconds",
+            "Host time per step outside the engine (admission, planning, detokenization, stop "
+            "checks); the GPU idles through it.", STEP_BUCKETS,
+        )
         self.prompt_tokens = Counter(
             PREFIX + "prompt_tokens_total", "Prompt tokens prefilled or reused.", registry=reg
         )
@@ -113,6 +118,7 @@ class Metrics:
     def on_step(self, s: StepStats) -> None:
         self.step.labels(kind=s.kind).observe(s.duration_s)
         self.batch.observe(s.batch_size)
+        self.scheduler_time.observe(s.scheduler_s)
         self.prompt_tokens.inc(s.prompt_tokens + s.prefix_hit_tokens)
         self.generation_tokens.inc(s.generated_tokens)
         self.prefix_hits.inc(s.prefix_hit_tokens)

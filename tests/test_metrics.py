@@ -11,7 +11,7 @@ from tests.conftest import scrape, wait_for
 HISTOGRAMS = (
     "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
     "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
-    "step_duration_seconds", "batch_size",
+    "step_duration_seconds", "batch_size", "scheduler_host_seconds",
 )
 COUNTERS = (
     "prompt_tokens_total", "generation_tokens_total", "requests_total", "request_errors_total",
@@ -71,6 +71,8 @@ def test_metrics_agree_with_the_traffic(server) -> None:  # noqa: ANN001
     steps = (m['gptoss_step_duration_seconds_count{kind="prefill"}']
              + m['gptoss_step_duration_seconds_count{kind="decode"}'])
     assert steps == m["gptoss_batch_size_count"] > 0
+    assert m["gptoss_scheduler_host_seconds_count"] == steps  # one host-time sample per step
+    assert m["gptoss_scheduler_host_seconds_sum"] > 0
     assert m["gptoss_cuda_graph_replays_total"] == 0  # CPU: no graphs
     assert m['gptoss_request_errors_total{code="INVALID_ARGUMENT"}'] == 1
     assert m["gptoss_num_requests_running"] == m["gptoss_num_requests_waiting"] == 0

@@ -317,6 +317,18 @@ def test_held_back_prompts_ride_along_with_a_chunk_and_never_leave_an_empty_step
     assert [len(w.token_ids) for w in engine.plans[-1].work] == [1, 4, 2]
 
 
+def test_step_stats_carry_the_host_time_outside_the_engine() -> None:
+    from tests.service_fakes import Throttled
+
+    engine = FakeEngine()
+    s, _, sink = make(engine)
+    s.add(req("a", b"abc", n=3))
+    slow = Throttled(engine, delay_s=0.05)  # 50 ms of "GPU" per step
+    while s.has_work():
+        s.step(slow)
+    assert sink.steps and all(0 < st.scheduler_s < 0.05 for st in sink.steps)
+
+
 def test_prefill_batching_can_be_turned_off() -> None:
     engine = FakeEngine(max_slots=4)
     s, engine, _ = make(engine, prefill_batch_tokens=0, prefill_batch_min_running=0)
