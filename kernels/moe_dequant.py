@@ -121,6 +121,19 @@ def _e2m1_x4_emulated(codes):
     return (_fp4_f32(c & 15) * 256.0).to(tl.float16), (_fp4_f32(c >> 4) * 256.0).to(tl.float16)
 
 
+def _e2m1_x4(codes, EMULATE: tl.constexpr):
+    """u8 codes → (low, high nibble) as fp16 fp4(c)·2⁻⁶: _E2M1_X4_ASM compiled, its plain-Triton
+    emulation where the interpreter runs."""
+    if EMULATE:
+        lo, hi = _e2m1_x4_emulated(codes)
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            _E2M1_X4_ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=4,
+        )
+    return lo, hi
+
+
 def _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, K, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
                  MASK_K: tl.constexpr, WIDE: tl.constexpr = False):
     """fast: rows at byte offsets w_row/s_row [BN] → [BN, BLOCK_K] fp16 weights; in each
@@ -146,13 +159,7 @@ def _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, K, BLOCK_K: tl.conste
     else:
         codes = tl.load(cptr)
         sc = tl.load(sptr, mask=smask[:, None], other=0).to(tl.int32)
-    if EMULATE:
-        lo, hi = _e2m1_x4_emulated(codes)
-    else:
-        lo, hi = tl.inline_asm_elementwise(
-            _E2M1_X4_ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16),
-            is_pure=True, pack=4,
-        )
+    lo, hi = _e2m1_x4(codes, EMULATE)
     v = tl.reshape(tl.join(lo, hi), (BN, G, 4, 2, 2, 2))  # [BN, G, t, a₁, a₀, h]
     v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # [BN, G, h, a₁, t, a₀]
     sc = ((tl.maximum(sc, 106) - 106) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(s−121)
@@ -194,4 +201,5 @@ def _l2_prefetch(W, S, w_row, s_row, stride_sg, k0, BLOCK_K: tl.constexpr,
                                   is_pure=False, pack=1)
 
 
-HELPERS = (_l2_prefetch, _fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _w_tile_fast, _a_tile_fast)
+HELPERS = (_l2_prefetch, _fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _e2m1_x4, _w_tile_fast,
+           _a_tile_fast)

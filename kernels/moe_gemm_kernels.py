@@ -36,6 +36,7 @@ from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
     HELPERS,
     _a_tile,
     _a_tile_fast,
+    _e2m1_x4,
     _e2m1_x4_emulated,
     _fp4_f32,
     _l2_prefetch,

@@ -29,7 +29,12 @@ import triton
 import triton.language as tl
 
 from kernels.jit import KernelSet
-from kernels.moe_dequant import _E2M1_X4_ASM  # noqa: F401 - the f32 step calls it
+from kernels.moe_dequant import (  # noqa: F401 - the f32 step calls them
+    _E2M1_X4_ASM,
+    _e2m1_x4,
+    _e2m1_x4_emulated,
+    _fp4_f32,
+)
 from kernels.moe_gemm import compiled
 from kernels.moe_gemv_dequant import (  # noqa: F401 - the kernels call them
     _GROUP_F16_ASM,
@@ -40,7 +45,6 @@ from kernels.moe_gemv_dequant import (  # noqa: F401 - the kernels call them
     _gemv_step_f32,
     _half_f16,
     _nib_f16,
-    _pairs_f16_emulated,
     _split4,
     _word_f16_emulated,
 )

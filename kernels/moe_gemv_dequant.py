@@ -27,19 +27,10 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from kernels.moe_dequant import _E2M1_X4_ASM
+from kernels.moe_dequant import _E2M1_X4_ASM, _e2m1_x4, _e2m1_x4_emulated, _fp4_f32  # noqa: F401
 
 F32: tl.constexpr = tl.constexpr(1)
 F16: tl.constexpr = tl.constexpr(2)
-
-
-def _pairs_f16_emulated(codes):
-    """_E2M1_X4_ASM in plain Triton (the interpreter cannot run PTX): u8 codes → (low, high
-    nibble) as fp16 fp4(c)·2⁻⁶ (fp16 bits ((c & 8) << 12) | ((c & 7) << 9) are fp4(c)·2⁻¹⁴)."""
-    c = codes.to(tl.int32)
-    lo = (((c & 8) << 12) | ((c & 7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (((c & 0x80) << 8) | ((c & 0x70) << 5)).to(tl.int16).to(tl.float16, bitcast=True)
-    return lo * 256.0, hi * 256.0  # exact: 2⁻¹⁴·2⁸ = 2⁻⁶
 
 
 def _gemv_step_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
@@ -63,13 +54,7 @@ def _gemv_step_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
         sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg)  # [BN, NG] u8
         xe = tl.load(XS + xoff)  # [NG, 16]: x[32g + 2i]
         xo = tl.load(XS + xoff + 16)  # x[32g + 2i + 1]
-    if EMULATE:
-        lo, hi = _pairs_f16_emulated(codes)
-    else:
-        lo, hi = tl.inline_asm_elementwise(
-            _E2M1_X4_ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16),
-            is_pure=True, pack=4,
-        )
+    lo, hi = _e2m1_x4(codes, EMULATE)
     pe = tl.sum(tl.reshape(lo.to(tl.float32) * xe[None, :, :], (BN, NG, 8, 2)), axis=2)
     po = tl.sum(tl.reshape(hi.to(tl.float32) * xo[None, :, :], (BN, NG, 8, 2)), axis=2)
     part = tl.sum(pe + po, axis=2)  # [BN, NG]
@@ -183,5 +168,5 @@ def _gemv_step_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
     return acc
 
 
-HELPERS = (_pairs_f16_emulated, _gemv_step_f32, _nib_f16, _half_f16, _word_f16_emulated, _split4,
-           _gemv_step_f16)
+HELPERS = (_e2m1_x4_emulated, _fp4_f32, _e2m1_x4, _gemv_step_f32, _nib_f16, _half_f16,
+           _word_f16_emulated, _split4, _gemv_step_f16)
