@@ -79,11 +79,10 @@ class TritonOps:
                 q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale
             )
         d = batch.decode_rows
+        seqs = self._prefill_inputs(batch, q, k_cache, window, d)
         if d == 0:
-            return prefill_attention(
-                q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
-                sinks, window, scale, table=self._prefill_table(batch, q, k_cache, window, 0),
-            )
+            return prefill_attention(q, k_cache, v_cache, *seqs[:3], sinks, window, scale,
+                                     table=seqs[3])
         # A mixed step: the one-token rows through the flash-decoding kernel (the prefill
         # kernel pads each of them to a 16-token tile and reads its context without a split),
         # the chunks through the prefill kernel. Rows are the first d of the packed batch.
@@ -92,25 +91,23 @@ class TritonOps:
             q[:d], k_cache, v_cache, batch.slot_ids[:d], batch.positions[:d], sinks, window, scale
         )
         if d < q.shape[0]:
-            out[d:] = prefill_attention(
-                q[d:], k_cache, v_cache, [c - d for c in batch.cu_seqlens[d:]],
-                batch.seq_slots[d:], batch.seq_start_pos[d:], sinks, window, scale,
-                table=self._prefill_table(batch, q, k_cache, window, d),
-            )
+            out[d:] = prefill_attention(q[d:], k_cache, v_cache, *seqs[:3], sinks, window, scale,
+                                        table=seqs[3])
         return out
 
     @staticmethod
-    def _prefill_table(batch, q, k_cache, window, d):  # noqa: ANN001, ANN205
-        """The prefill tile table of the batch's sequences from the d-th on: built and checked
-        once per step and layer kind (same cache shape and window), then reused by every layer."""
-        key = ("prefill_table", tuple(k_cache.shape[:2]), window, d)
+    def _prefill_inputs(batch, q, k_cache, window, d):  # noqa: ANN001, ANN205
+        """(cu_seqlens, slots, start positions, tile table) of the batch's sequences from the
+        d-th on: built and checked once per step and layer kind (same cache shape and window),
+        then reused by every layer."""
+        key = ("prefill", tuple(k_cache.shape[:2]), window, d)
         if key not in batch.derived:
             nq, nkv = q.shape[1], k_cache.shape[2]
-            batch.derived[key] = prefill_table(
-                [c - d for c in batch.cu_seqlens[d:]], batch.seq_slots[d:],
-                batch.seq_start_pos[d:], q.shape[0] - d, k_cache.shape[0], k_cache.shape[1],
-                window, prefill_block_t(nq, nkv), q.device,
-            )
+            cu = [c - d for c in batch.cu_seqlens[d:]]
+            slots, starts = batch.seq_slots[d:], batch.seq_start_pos[d:]
+            table = prefill_table(cu, slots, starts, q.shape[0] - d, k_cache.shape[0],
+                                  k_cache.shape[1], window, prefill_block_t(nq, nkv), q.device)
+            batch.derived[key] = (cu, slots, starts, table)
         return batch.derived[key]
 
     def warm(self, weights: ModelWeights,
