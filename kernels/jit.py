@@ -173,10 +173,6 @@ class KernelSet:
         self._bound.clear()
         return fn
 
-    def unspecialized(self, name: str) -> tuple[str, ...]:
-        """The arguments of a registered function that are compiled without specialization."""
-        return self._nospec[name]
-
     def __getitem__(self, name: str) -> _Entry:
         if name not in self._fns:
             raise KeyError(f"no Triton function {name!r} registered")
