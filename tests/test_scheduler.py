@@ -32,7 +32,8 @@ class RecordingSink(NullSink):
         self.gauges.append(stats)
 
 
-def make(engine: FakeEngine | None = None, **cfg) -> tuple[Scheduler, FakeEngine, RecordingSink]:
+def make(engine: FakeEngine | None = None, clock=None, **cfg  # noqa: ANN001
+         ) -> tuple[Scheduler, FakeEngine, RecordingSink]:
     engine = engine or FakeEngine()
     config = SchedulerConfig(
         max_slots=engine.max_slots, max_context=engine.max_context,
@@ -40,7 +41,8 @@ def make(engine: FakeEngine | None = None, **cfg) -> tuple[Scheduler, FakeEngine
         **cfg,
     )
     sink = RecordingSink()
-    return Scheduler(config, decode=TOK.decode, sink=sink), engine, sink
+    kw = {} if clock is None else {"clock": clock}
+    return Scheduler(config, decode=TOK.decode, sink=sink, **kw), engine, sink
 
 
 def req(rid: str, prompt, n: int | None = 8, sampling=GREEDY, **stop) -> Request:
@@ -269,11 +271,9 @@ def test_under_load_new_prompts_are_batched_into_fewer_prefill_steps() -> None:
     """With ≥ 2 streams decoding, a new prompt waits for company (8 prompt tokens) or 0.5 s; a
     lone arrival at low load is admitted at once. Outputs are unchanged."""
     clock = Clock()
-    engine = FakeEngine(max_slots=8, max_context=256, max_chunk_tokens=32)
-    config = SchedulerConfig(max_slots=8, max_context=256, max_chunk_tokens=32,
-                             prefill_batch_tokens=8, prefill_max_wait_s=0.5,
-                             prefill_batch_min_running=2)
-    s = Scheduler(config, decode=TOK.decode, clock=clock)
+    s, engine, _ = make(FakeEngine(max_slots=8, max_context=256, max_chunk_tokens=32), clock,
+                        prefill_batch_tokens=8, prefill_max_wait_s=0.5,
+                        prefill_batch_min_running=2)
     outs: dict[str, list[RequestOutput]] = {}
 
     def step() -> list[int]:
@@ -300,12 +300,9 @@ def test_under_load_new_prompts_are_batched_into_fewer_prefill_steps() -> None:
 
 
 def test_held_back_prompts_ride_along_with_a_chunk_and_never_leave_an_empty_step() -> None:
-    clock = Clock()
-    engine = FakeEngine(max_slots=8, max_context=256, max_chunk_tokens=4)
-    config = SchedulerConfig(max_slots=8, max_context=256, max_chunk_tokens=4,
-                             prefill_batch_tokens=10, prefill_max_wait_s=5.0,
-                             prefill_batch_min_running=0)
-    s = Scheduler(config, decode=TOK.decode, clock=clock)
+    s, engine, _ = make(FakeEngine(max_slots=8, max_context=256, max_chunk_tokens=4), Clock(),
+                        prefill_batch_tokens=10, prefill_max_wait_s=5.0,
+                        prefill_batch_min_running=0)
     s.add(req("a", b"aa", n=3))
     s.step(engine)  # nothing decoding: admitted at once, even with min_running 0
     assert [len(w.token_ids) for w in engine.plans[-1].work] == [2]
