@@ -115,7 +115,7 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                   TILE_END="*i32", MAX_TILES=100, BLOCK_M=mc.block_m,
                   BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, SWAP_AB=t.swap_ab,
                   IEEE=False, FAST=fast, EMULATE=False, PDL=mc.pdl, PREFETCH=t.prefetch,
-                  WIDE=t.wide_loads)
+                  WIDE=t.wide_loads, SC_AHEAD=t.scale_ahead)
     if which == 1:
         g1 = HID // 32  # scales groups-major ([E, G, N] storage) unless --row-scales
         sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)

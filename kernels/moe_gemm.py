@@ -37,6 +37,9 @@ class GemmTiles:
     # register cost); wide_loads: 16-byte code loads instead of 4-byte ones. Results unchanged.
     prefetch: int = 0
     wide_loads: bool = False
+    # scale_ahead (fast path): each k-step's exponents are loaded one step earlier, before the
+    # codes, and carried in registers (kernels/moe_gemm_ahead.py): one round trip per step, not two.
+    scale_ahead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "group_m", "num_warps"):
@@ -94,7 +97,8 @@ def _launch_args(tiles: GemmTiles, dtype: torch.dtype, fast: bool, device: torch
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
                 SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32, FAST=fast,
                 EMULATE=not compiled(device),  # the interpreter cannot run PTX
-                PREFETCH=tiles.prefetch, WIDE=tiles.wide_loads, num_warps=tiles.num_warps,
+                PREFETCH=tiles.prefetch, WIDE=tiles.wide_loads, SC_AHEAD=tiles.scale_ahead,
+                num_warps=tiles.num_warps,
                 num_stages=tiles.num_stages, **pdl_args(pdl, device))
 
 

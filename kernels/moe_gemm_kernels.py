@@ -43,9 +43,11 @@ from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
     _w_tile,
     _w_tile_fast,
 )
+from kernels.moe_gemm_ahead import HELPERS as AHEAD_HELPERS
+from kernels.moe_gemm_ahead import _scales, _w_tile_fast_sc  # noqa: F401 - the kernels call them
 
 jit = KernelSet(globals())
-for _helper in HELPERS:
+for _helper in HELPERS + AHEAD_HELPERS:
     jit(_helper)
 
 
@@ -116,7 +118,7 @@ def _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTY
 def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
               A_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr,
-              PREFETCH: tl.constexpr, WIDE: tl.constexpr):
+              PREFETCH: tl.constexpr, WIDE: tl.constexpr, SC_AHEAD: tl.constexpr = False):
     """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB). Rows
     are all in bounds (callers clamp them and mask the stores): the whole K blocks load without
     any mask; only a last partial block masks at k_hi.
@@ -134,12 +136,26 @@ def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
             for j in tl.static_range(1, PREFETCH):
                 _l2_prefetch(W, S, w_row, s_row, stride_sg,
                              tl.minimum(k_lo + j * BLOCK_K, k_last), BLOCK_K, EMULATE)
-    for k0 in range(k_lo, k_full, BLOCK_K):
-        if PREFETCH > 0:
-            _l2_prefetch(W, S, w_row, s_row, stride_sg,
-                         tl.minimum(k0 + PREFETCH * BLOCK_K, k_last), BLOCK_K, EMULATE)
-        acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTYPE,
-                      BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False, WIDE)
+    if SC_AHEAD and FAST:
+        # exponents one step ahead in registers (kernels/moe_gemm_ahead.py), issued first
+        sc = _scales(S, s_row, smask, stride_sg, k_lo, k_full > k_lo, BLOCK_K)
+        for k0 in range(k_lo, k_full, BLOCK_K):
+            if PREFETCH > 0:
+                _l2_prefetch(W, S, w_row, s_row, stride_sg,
+                             tl.minimum(k0 + PREFETCH * BLOCK_K, k_last), BLOCK_K, EMULATE)
+            sc_next = _scales(S, s_row, smask, stride_sg, tl.minimum(k0 + BLOCK_K, k_last),
+                              True, BLOCK_K)
+            xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, False)
+            w = _w_tile_fast_sc(W, w_row, sc, k0, BLOCK_K, EMULATE, WIDE)
+            acc = _mma1(xa, w, acc, SWAP_AB)
+            sc = sc_next
+    else:
+        for k0 in range(k_lo, k_full, BLOCK_K):
+            if PREFETCH > 0:
+                _l2_prefetch(W, S, w_row, s_row, stride_sg,
+                             tl.minimum(k0 + PREFETCH * BLOCK_K, k_last), BLOCK_K, EMULATE)
+            acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc,
+                          A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False, WIDE)
     if k_full < k_hi:
         acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_full, k_hi, acc,
                       A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, True, False)
@@ -161,7 +177,7 @@ def _gemm1_swiglu_kernel(
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    WIDE: tl.constexpr = False,
+    WIDE: tl.constexpr = False, SC_AHEAD: tl.constexpr = False,
 ):
     """OUT[row, n] = swiglu(h[2n], h[2n+1]), h = x[token(row)]·W1[e]ᵀ + b1[e]; a program owns
     BLOCK_N consecutive (interleaved gate/linear) rows of W1 and splits them after the dot."""
@@ -184,7 +200,7 @@ def _gemm1_swiglu_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _mainloop(X, tok.to(tl.int64) * stride_x, W, S, w_row, s_row, n2 < N2, stride_sg, 0, K,
-                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, PREFETCH, WIDE)
+                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, PREFETCH, WIDE, SC_AHEAD)
     bias = tl.load(B + e64 * stride_be + n2, mask=n2 < N2, other=0.0)
     n = pid_n * HALF + tl.arange(0, HALF)  # swiglu outputs
     if SWAP_AB:
@@ -230,7 +246,7 @@ def _gemm2_scale_kernel(
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT_K: tl.constexpr, FUSE_COMBINE: tl.constexpr,
     TOPK: tl.constexpr, COMBINE_T: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    WIDE: tl.constexpr = False,
+    WIDE: tl.constexpr = False, SC_AHEAD: tl.constexpr = False,
 ):
     """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H. With SPLIT_K > 1
     program s sums its share of K into OUT[s] (fp32; bias on s = 0 only, no rounding).
@@ -260,7 +276,7 @@ def _gemm2_scale_kernel(
     a_row = tl.minimum(rows, ROWS - 1).to(tl.int64) * stride_a  # in bounds; stores are masked
     acc = _mainloop(A, a_row, W, S, w_row, s_row, nmask, stride_sg, k_lo,
                     tl.minimum(k_lo + k_len, K), acc, A.dtype.element_ty, BLOCK_K, SWAP_AB, IEEE,
-                    FAST, EMULATE, PREFETCH, WIDE)
+                    FAST, EMULATE, PREFETCH, WIDE, SC_AHEAD)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]
