@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from kernels.moe_configs import DECODE, PREFILL, MoEConfig
+from kernels.moe_gemm import GemmTiles
 
 
 def _both(mc: MoEConfig, **changes: object) -> MoEConfig:
@@ -38,3 +39,27 @@ LATENCY_CANDIDATES: dict[str, MoEConfig] = {
     # are a synchronous load every step) + prefetch 2 ahead, 2 stages
     "p_k128pf2": _both(PREFILL, block_k=128, prefetch=2, wide_loads=True, num_stages=2),
 }
+
+# Tiles at 64–512 tokens (helper-12; notes/moe.md "Tiles at 64–512 tokens"): scale_ahead loads
+# each k-step's exponents one step early, before the codes (the compiled loop had issued them
+# after the codes' shuffle: two serialized round trips per step, now one).
+_AHEAD = dict(wide_loads=True, scale_ahead=True)
+_T128 = GemmTiles(128, 128, swap_ab=True, num_stages=1, **_AHEAD)
+LATENCY_CANDIDATES.update({
+    # DECODE_WIDE (today's ≤ 16 rows/expert default) + exponents ahead: 123/127 regs, 4 CTAs/SM
+    "m_w_sa": _both(DECODE, **_AHEAD),
+    # + L2 prefetch 2 steps ahead: the codes' own round trip becomes an L2 hit (3 CTAs/SM)
+    "m_pf2w_sa": _both(DECODE, prefetch=2, **_AHEAD),
+    # 32-token tiles for 16–64 rows per expert (128–512 tokens of 20b): half the weight re-reads
+    # of the 16-row tiles, half the dead MMA columns of the 64-row ones (3 CTAs/SM)
+    "m_m32_sa": MoEConfig(32, _T128, _T128, fuse_combine=True),
+    # PREFILL_PF (today's > 16 rows/expert default) + exponents ahead: k64's 2-byte exponent
+    # load (no cp.async below 4 bytes) was waited on in its own step
+    "m_p_pf4w_sa": _both(PREFILL, prefetch=4, **_AHEAD),
+    # 128-token tiles for ≥ 4096 tokens (p_mix + prefetch + wide + ahead): half the
+    # dequantization per MMA FLOP of the 64-token tiles; 1 CTA of 8 warps per SM
+    "m_mix_pf4w_sa": MoEConfig(128, GemmTiles(256, 64, swap_ab=True, num_warps=8, prefetch=4,
+                                              **_AHEAD),
+                               GemmTiles(128, 128, swap_ab=True, num_warps=8, prefetch=2,
+                                         **_AHEAD)),
+})
