@@ -44,14 +44,28 @@ from kernels.moe_gemv_dequant import (  # noqa: F401 - the kernels call them
     _gemv_step_f16,
     _gemv_step_f32,
     _half_f16,
+    _load_f16,
+    _load_f32,
+    _math_f16,
+    _math_f32,
     _nib_f16,
     _split4,
     _word_f16_emulated,
 )
+from kernels.moe_gemv_pipe import (  # noqa: F401 - the kernels call them
+    PF_ASYNC,
+    PIPE_HELPERS,
+    _combine_block,
+    _gemv2_fused_kernel,
+    _gemv_rows_pf,
+    _load,
+    _math,
+)
 
 jit = KernelSet(globals())
-for _helper in HELPERS:
+for _helper in HELPERS + PIPE_HELPERS:
     jit(_helper)
+jit(do_not_specialize=("stride_ps", "n_pairs"))(_gemv2_fused_kernel)
 
 GEMV_MAX_SCALE = 240
 
@@ -111,20 +125,26 @@ def _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K: tl
 @jit
 def _gemv_rows(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, k_dim,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-               EMULATE: tl.constexpr):
+               EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """Σ over k_lo…k_hi (multiples of 32; k_hi ≤ k_dim) of W[rows, k]·x[k] → [BLOCK_N] fp32.
     Whole steps load without masks (rows are clamped in bounds by the callers). DEQ = 0: the
     exact step on x in its own order; F32/F16: the fast steps on pre-split x (moe_gemv_dequant;
-    F16: W as int32 words and x as int64, offsets in those units)."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
-    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
-    for k0 in range(k_lo, k_full, BLOCK_K):
-        acc = _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K, False,
-                    DEQ, EMULATE)
-    if k_full < k_hi:
-        acc = _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k_full, k_hi, acc, BLOCK_K, True,
-                    DEQ, EMULATE)
-    return tl.sum(acc, axis=1)
+    F16: W as int32 words and x as int64, offsets in those units). PREFETCH > 0: the fast steps'
+    loads issued that many steps ahead of their math (kernels/moe_gemv_pipe.py)."""
+    if PREFETCH > 0:
+        y = _gemv_rows_pf(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, BLOCK_N,
+                          BLOCK_K, DEQ, EMULATE, PREFETCH)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], dtype=tl.float32)
+        k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+        for k0 in range(k_lo, k_full, BLOCK_K):
+            acc = _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc, BLOCK_K,
+                        False, DEQ, EMULATE)
+        if k_full < k_hi:
+            acc = _step(X, x_row, W, w_rows, S, s_rows, stride_sg, k_full, k_hi, acc, BLOCK_K,
+                        True, DEQ, EMULATE)
+        y = tl.sum(acc, axis=1)
+    return y
 
 
 @jit
@@ -139,7 +159,7 @@ def _gemv1_swiglu_kernel(
     X, XS, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
     EXPERTS, ACT, stride_a, n2, k_dim, n_pairs, alpha, limit,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):
     """One (pair, block of BLOCK_N interleaved gate/linear rows) → act[pair, BLOCK_N/2].
     XS is what is read: x itself (DEQ = 0) or its pre-split copy (per 32-group the evens, then
@@ -153,7 +173,7 @@ def _gemv1_swiglu_kernel(
     rows_c = tl.minimum(rows, n2 - 1)
     h = _gemv_rows(XS, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,
                    _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se, rows_c * stride_sn,
-                   stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE)
+                   stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
     h = h.to(X_DTYPE).to(tl.float32) + tl.load(B + e * stride_be + rows_c)
     gate, lin = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
     gate = tl.minimum(gate, limit)
@@ -172,7 +192,7 @@ def _gemv2_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
     EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):
     """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias)."""
     pid = tl.program_id(0)
@@ -186,7 +206,7 @@ def _gemv2_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, k_dim)
     y = _gemv_rows(A, pair.to(tl.int64) * stride_a, W + e * stride_we,
                    _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se, rows_c * stride_sn,
-                   stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE)
+                   stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
     tl.store(PART + split * stride_ps + pair.to(tl.int64) * stride_pp + rows, y, mask=rows < n_rows)
 
 
@@ -219,7 +239,10 @@ class GemvTiles:
     """One GEMV launch: BLOCK_N weight rows per program (GEMM 1: interleaved gate/linear rows,
     even), BLOCK_K per step (≥ 32, a power of two), K split over SPLIT_K programs (GEMM 2).
     dequant: "exact" (nibble by nibble), "f32" or "f16" (the fast step, kernels/moe_gemv_dequant;
-    "f16" multiplies in fp16 and is used only for fp16/bf16 activations, "f32" otherwise)."""
+    "f16" multiplies in fp16 and is used only for fp16/bf16 activations, "f32" otherwise).
+    prefetch: 0 (today's loop) or 1/2: the fast step's loads that many steps ahead of their math
+    in registers; async_copy: the loop through Triton's cp.async pipeliner, num_stages buffers
+    (kernels/moe_gemv_pipe.py; both give today's bits)."""
 
     block_n: int
     block_k: int
@@ -227,6 +250,8 @@ class GemvTiles:
     num_stages: int = 3
     split_k: int = 1
     dequant: str = "exact"
+    prefetch: int = 0
+    async_copy: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -237,12 +262,19 @@ class GemvTiles:
             raise ValueError(f"GemvTiles: block_n ≥ 2, block_k ≥ 32, stages/split ≥ 1: {self}")
         if self.dequant not in _DEQ:
             raise ValueError(f"GemvTiles.dequant must be one of {sorted(_DEQ)}: {self}")
+        if (self.prefetch not in (0, 1, 2) or (self.prefetch and self.async_copy)
+                or ((self.prefetch or self.async_copy) and self.dequant == "exact")):
+            raise ValueError(f"GemvTiles: prefetch 0, 1 or 2 or async_copy, only for the fast "
+                             f"steps: {self}")
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     gemm1: GemvTiles
     gemm2: GemvTiles
+    # GEMM 2's last program per N block sums the block for every token (kernels/moe_gemv_pipe):
+    # no combine launch, same bits. Uses moe_gemv's `counters` (zeros, left at zero).
+    fuse_combine: bool = False
 
 
 _DEQ = {"exact": 0, "f32": F32.value, "f16": F16.value}
@@ -258,9 +290,11 @@ def _deq(cfg: GemvConfig, dtype: torch.dtype) -> int:
 
 
 def _launch(tiles: GemvTiles, deq: int, device: torch.device) -> dict:
+    pf = PF_ASYNC.value if tiles.async_copy else tiles.prefetch
+    extra = {"PREFETCH": pf} if pf else {}  # today's launch otherwise
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
                 num_stages=tiles.num_stages, DEQ=deq,
-                EMULATE=not compiled(device))  # the interpreter cannot run PTX
+                EMULATE=not compiled(device), **extra)  # the interpreter cannot run PTX
 
 
 def _words(w: torch.Tensor) -> torch.Tensor:
@@ -288,9 +322,13 @@ def moe_gemv(
     w1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor,  # [E, 2I, H/2] u8, [E, 2I, H/32], [E, 2I]
     w2: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32], [E, H]
     cfg: GemvConfig, alpha: float = 1.702, limit: float = 7.0,
+    counters: torch.Tensor | None = None,  # [≥ H / block_n] int32 zeros (cfg.fuse_combine)
 ) -> torch.Tensor:
     """The experts of a routed batch by GEMVs: → [T, H] in x's dtype (kernels/moe_ref.experts_ref).
-    Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine), grids fixed by (T, k, shapes)."""
+    Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine; two with cfg.fuse_combine), grids
+    fixed by (T, k, shapes). counters: the fused combine's arrival counters, left at zero (e.g.
+    prepare_moe's; its last entry, the fused router's, is not used); None: a zeroed buffer per
+    device kept here (one stream at a time)."""
     t, h = x.shape
     top_k = experts.shape[1]
     n2, inter = w1.shape[1], w2.shape[2] * 2
@@ -328,7 +366,17 @@ def moe_gemv(
     split = g2.split_k
     k_per_split = triton.cdiv(inter // 32, split) * 32
     part = torch.empty(split, pairs, h, dtype=torch.float32, device=x.device)
-    jit["_gemv2_kernel"][(pairs * split * triton.cdiv(h, g2.block_n),)](
+    n_blocks = triton.cdiv(h, g2.block_n)
+    if cfg.fuse_combine:
+        cnt = _counters(counters, n_blocks, x.device)
+        jit["_gemv2_fused_kernel"][(pairs * split * n_blocks,)](
+            a_in, a_in.stride(0), w2, w2.stride(0), w2.stride(1), s2, s2.stride(0), s2.stride(1),
+            s2.stride(2), ex, part, part.stride(0), part.stride(1), h, inter, pairs, k_per_split,
+            wt, b2, b2.stride(0), out, out.stride(0), cnt,
+            TOPK=top_k, SPLIT_K=split, **{"PREFETCH": 0, **_launch(g2, deq, x.device)},
+        )
+        return out
+    jit["_gemv2_kernel"][(pairs * split * n_blocks,)](
         a_in, a_in.stride(0), w2, w2.stride(0), w2.stride(1), s2, s2.stride(0), s2.stride(1),
         s2.stride(2), ex, part, part.stride(0), part.stride(1), h, inter, pairs, k_per_split,
         SPLIT_K=split, **_launch(g2, deq, x.device),
@@ -341,3 +389,20 @@ def moe_gemv(
         TOPK=top_k, SPLIT_K=split, BLOCK_H=block_h, num_warps=1,
     )
     return out
+
+
+_OWN_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(given: torch.Tensor | None, n_blocks: int, device: torch.device) -> torch.Tensor:
+    """n_blocks arrival counters (zeros; the kernel leaves them at zero)."""
+    if given is None:
+        given = _OWN_COUNTERS.get(device)
+        if given is None or given.numel() < n_blocks:
+            given = _OWN_COUNTERS[device] = torch.zeros(max(n_blocks, 1024), dtype=torch.int32,
+                                                        device=device)
+        return given
+    if given.dtype != torch.int32 or given.numel() < n_blocks + 1 or given.device != device:
+        raise ValueError(f"moe_gemv: fuse_combine needs > {n_blocks} int32 counters on {device}, "
+                         f"got {given.numel()} {given.dtype} on {given.device}")
+    return given[:n_blocks]

@@ -33,18 +33,17 @@ F32: tl.constexpr = tl.constexpr(1)
 F16: tl.constexpr = tl.constexpr(2)
 
 
-def _gemv_step_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
-                   BLOCK_K: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr):
-    """acc[BN, NG] += per-group sums of W[rows, k0:k0+BLOCK_K]·x[k0:k0+BLOCK_K], scaled. W: code
-    bytes (rows at w_rows), XS: x pre-split, fp32."""
+def _load_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_bound,
+              BLOCK_K: tl.constexpr, MASK: tl.constexpr):
+    """One step's raw operands for _math_f32: codes [BN, NG, 16] u8, scale bytes [BN, NG], x's
+    even and odd k [NG, 16] (pre-split fp32). MASK: groups at or past k_bound / 32 read as 0."""
     NG: tl.constexpr = BLOCK_K // 32
-    BN: tl.constexpr = w_rows.shape[0]
     g = k0 // 32 + tl.arange(0, NG)  # [NG] group index
     i = tl.arange(0, 16)
     byte = g[None, :, None] * 16 + i[None, None, :]  # [1, NG, 16]
     xoff = x_row + g[:, None] * 32 + i[None, :]  # [NG, 16]: byte i's low nibble (k = 2i)
     if MASK:
-        gm = g < k_dim // 32
+        gm = g < k_bound // 32
         codes = tl.load(W + w_rows[:, None, None] + byte, mask=gm[None, :, None], other=0)
         sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg, mask=gm[None, :], other=0)
         xe = tl.load(XS + xoff, mask=gm[:, None], other=0.0)
@@ -54,12 +53,28 @@ def _gemv_step_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
         sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg)  # [BN, NG] u8
         xe = tl.load(XS + xoff)  # [NG, 16]: x[32g + 2i]
         xo = tl.load(XS + xoff + 16)  # x[32g + 2i + 1]
+    return codes, sc, xe, xo
+
+
+def _math_f32(codes, sc, xe, xo, acc, EMULATE: tl.constexpr):
+    """acc[BN, NG] += the groups' scaled sums Σ w·x (operands from _load_f32)."""
+    BN: tl.constexpr = codes.shape[0]
+    NG: tl.constexpr = codes.shape[1]
     lo, hi = _e2m1_x4(codes, EMULATE)
     pe = tl.sum(tl.reshape(lo.to(tl.float32) * xe[None, :, :], (BN, NG, 8, 2)), axis=2)
     po = tl.sum(tl.reshape(hi.to(tl.float32) * xo[None, :, :], (BN, NG, 8, 2)), axis=2)
     part = tl.sum(pe + po, axis=2)  # [BN, NG]
     scale = ((sc.to(tl.int32) + 6) << 23).to(tl.float32, bitcast=True)  # 2^(s − 121)
     return acc + part * scale
+
+
+def _gemv_step_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
+                   BLOCK_K: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr):
+    """acc[BN, NG] += per-group sums of W[rows, k0:k0+BLOCK_K]·x[k0:k0+BLOCK_K], scaled. W: code
+    bytes (rows at w_rows), XS: x pre-split, fp32."""
+    codes, sc, xe, xo = _load_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim,
+                                  BLOCK_K, MASK)
+    return _math_f32(codes, sc, xe, xo, acc, EMULATE)
 
 
 def _word_ptx(w: int, xe: int, xo: int) -> str:
@@ -125,18 +140,18 @@ def _split4(v):
     return v0, v1, v2, v3
 
 
-def _gemv_step_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
-                   BLOCK_K: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr):
-    """acc[BN, NG] += per-group sums of W[rows, k0:k0+BLOCK_K]·x[k0:k0+BLOCK_K], scaled. W: code
-    words (int32; rows at w_rows words, 16-byte aligned: the launcher checks), XS: x pre-split
-    in fp16, as int64 (4 values each)."""
+def _load_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_bound,
+              BLOCK_K: tl.constexpr, MASK: tl.constexpr):
+    """One step's raw operands for _math_f16: code words [BN, NG, 4] int32, scale bytes [BN, NG],
+    x's even and odd k [NG, 4] (int64, 4 fp16 each). MASK: groups at or past k_bound / 32 read
+    as 0."""
     NG: tl.constexpr = BLOCK_K // 32
     g = k0 // 32 + tl.arange(0, NG)  # [NG] group index
     q = tl.arange(0, 4)
     wp = W + w_rows[:, None, None] + g[None, :, None] * 4 + q[None, None, :]  # [BN, NG, 4]
     xp = XS + x_row + g[:, None] * 8 + q[None, :]  # [NG, 4]: 16 even k, then 16 odd k at + 4
     if MASK:
-        gm = g < k_dim // 32
+        gm = g < k_bound // 32
         words = tl.load(wp, mask=gm[None, :, None], other=0)
         sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg, mask=gm[None, :], other=0)
         xe = tl.load(xp, mask=gm[:, None], other=0)
@@ -146,6 +161,11 @@ def _gemv_step_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
         sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg)  # [BN, NG] u8
         xe = tl.load(xp)
         xo = tl.load(xp + 4)
+    return words, sc, xe, xo
+
+
+def _math_f16(words, sc, xe, xo, acc, EMULATE: tl.constexpr):
+    """acc[BN, NG] += the groups' scaled sums Σ w·x (operands from _load_f16)."""
     scale = ((sc.to(tl.int32) + 6) << 23).to(tl.float32, bitcast=True)  # 2^(s − 121)
     w0, w1, w2, w3 = _split4(words)  # [BN, NG] each
     e0, e1, e2, e3 = _split4(xe)  # [NG] each
@@ -168,5 +188,15 @@ def _gemv_step_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
     return acc
 
 
-HELPERS = (_e2m1_x4_emulated, _fp4_f32, _e2m1_x4, _gemv_step_f32, _nib_f16, _half_f16,
-           _word_f16_emulated, _split4, _gemv_step_f16)
+def _gemv_step_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
+                   BLOCK_K: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr):
+    """acc[BN, NG] += per-group sums of W[rows, k0:k0+BLOCK_K]·x[k0:k0+BLOCK_K], scaled. W: code
+    words (int32; rows at w_rows words, 16-byte aligned: the launcher checks), XS: x pre-split
+    in fp16, as int64 (4 values each)."""
+    words, sc, xe, xo = _load_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim,
+                                  BLOCK_K, MASK)
+    return _math_f16(words, sc, xe, xo, acc, EMULATE)
+
+
+HELPERS = (_e2m1_x4_emulated, _fp4_f32, _e2m1_x4, _load_f32, _math_f32, _gemv_step_f32, _nib_f16,
+           _half_f16, _word_f16_emulated, _split4, _load_f16, _math_f16, _gemv_step_f16)
