@@ -32,6 +32,7 @@ from kernels.moe_configs import (
     PREFILL_CANDIDATES,
     MoEConfig,
 )
+from kernels.moe_configs_gemv import GEMV2_CANDIDATES
 from kernels.moe_configs_latency import LATENCY_CANDIDATES
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -163,14 +164,20 @@ def gemv_args(which: int, dequant: str = "exact") -> dict[str, object]:
 
 def report_gemv(name: str, mc: MoEConfig, sass_dir: Path | None) -> None:
     assert mc.gemv is not None
+    fuse = mc.gemv.fuse_combine
     for which, kname, t in ((1, "_gemv1_swiglu_kernel", mc.gemv.gemm1),
-                            (2, "_gemv2_kernel", mc.gemv.gemm2)):
-        a = dict(gemv_args(which, t.dequant), BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+                            (2, "_gemv2_fused_kernel" if fuse else "_gemv2_kernel", mc.gemv.gemm2)):
+        a = dict(gemv_args(which, t.dequant), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                 PREFETCH=3 if t.async_copy else t.prefetch)
         if which == 2:
             a["SPLIT_K"] = t.split_k
+            if fuse:  # the combine's operands (kernels/moe_gemv_pipe.py)
+                a.update(WEIGHTS="*fp32", B="*fp32", stride_be=HID, OUT="*bf16", stride_o=HID,
+                         COUNTERS="*i32", TOPK=K_TOP)
         try:
             k = _compile(gemv, kname, a, t.num_warps, t.num_stages)
-            print(report(k, f"{name}.gemv{which}", sass_dir, t.block_n * t.block_k // 2),
+            steps = t.prefetch + 1  # the register look-ahead unrolls the loop that many steps
+            print(report(k, f"{name}.gemv{which}", sass_dir, t.block_n * t.block_k // 2 * steps),
                   flush=True)
         except Exception as exc:  # noqa: BLE001 - report and go on
             msg = str(exc).strip().splitlines()
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global ROW_SCALES
     ROW_SCALES = args.row_scales
-    configs = {**GEMV_CANDIDATES, **DECODE_CANDIDATES, **PREFILL_CANDIDATES,
+    configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **DECODE_CANDIDATES, **PREFILL_CANDIDATES,
                **LATENCY_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
