@@ -1,7 +1,10 @@
 """Engine: owns the model, its KV cache and the sampler; runs one `StepPlan` at a time.
 
-`Engine.step(plan) -> StepResult` is the only thing the scheduler calls (plain data both ways,
-DESIGN §1). `generate()` is a one-request loop over `step()` for the CLI and tests.
+`Engine.step(plan) -> StepResult` is what the scheduler calls (plain data both ways, DESIGN §1),
+or its two halves: `launch(plan)` queues the step's GPU work and returns at once, `collect()`
+waits for its tokens, so the scheduler can plan and launch step n+1 while step n runs (its decode
+rows then carry PREVIOUS_TOKEN, read on the device from what the slot sampled last).
+`generate()` is a one-request loop over `step()` for the CLI and tests.
 """
 
 from __future__ import annotations
@@ -19,9 +22,17 @@ from runtime.graphs import GraphRunner
 from runtime.kv_cache import CacheShape, KVCache
 from runtime.model import Model
 from runtime.model_weights import ModelWeights
-from runtime.sampler import SampleFn, Sampler
+from runtime.sampler import PendingTokens, SampleFn, Sampler
 from runtime.tokenizer import Tokenizer
-from runtime.types import GREEDY, SampledToken, SamplingParams, SeqWork, StepPlan, StepResult
+from runtime.types import (
+    GREEDY,
+    PREVIOUS_TOKEN,
+    SampledToken,
+    SamplingParams,
+    SeqWork,
+    StepPlan,
+    StepResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,17 @@ def _powers_of_two(limit: int) -> list[int]:
         sizes.append(n)
         n *= 2
     return sizes + [limit]
+
+
+@dataclass
+class InFlight:
+    """A launched step: what `Engine.collect` needs to finish it."""
+
+    pending: PendingTokens | None  # None: nothing sampled
+    kind: str
+    num_tokens: int
+    cuda_graph: bool
+    started_s: float  # perf_counter() at launch
 
 
 @dataclass(frozen=True)
@@ -110,9 +132,12 @@ class Engine:
         self.cache = KVCache(model_config, self.shape, self.device, dtype)
         self.model = Model(weights, self.cache, max_context, ops=self._ops())
         self.sampler = Sampler(self.device, self._sample_fn())
+        # [max_slots + 1]: the token each slot sampled last, for PREVIOUS_TOKEN rows
+        self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.long, device=self.device)
         self.graphs: GraphRunner | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            self.graphs = GraphRunner(self.model, self.sampler.sample_fn, self.max_slots)
+            self.graphs = GraphRunner(self.model, self.sampler.sample_fn, self.max_slots,
+                                      last_tokens=self.last_tokens)
         log.info(
             "engine ready: model=%s device=%s dtype=%s slots=%d context=%d kv_cache=%.1f MiB "
             "kernels=%s load=%.2fs",
@@ -250,30 +275,44 @@ class Engine:
                     f"slot {w.slot}: positions {w.start_pos}..{w.end_pos - 1} exceed the context "
                     f"of {self.max_context}"
                 )
+            if w.token_ids == (PREVIOUS_TOKEN,):
+                continue  # a decode row whose token the slot's previous step sampled
             bad = [t for t in w.token_ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"slot {w.slot}: token ids {bad[:5]} outside the vocab of {vocab}")
 
     def step(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> InFlight:
+        """Queue the step's work (and its tokens' copy to the host); returns without waiting
+        for the GPU. Every launch must be collected, in order, before the one after next."""
         t0 = time.perf_counter()
         self.validate(plan)
         if not plan.work:
-            return StepResult(tokens=(), kind="decode")
+            return InFlight(None, "decode", 0, False, t0)
         if self.graphs is not None and self.graphs.graphs and GraphRunner.can_run(plan.work):
-            tokens = tuple(self.graphs.run(plan.work))
-            return StepResult(
-                tokens=tokens, kind="decode", duration_s=time.perf_counter() - t0,
-                num_tokens=len(plan.work), cuda_graph=True,
-            )
+            return InFlight(self.graphs.launch(plan.work), "decode", len(plan.work), True, t0)
         batch = build_batch(plan, self.device)
+        if any(w.token_ids[0] == PREVIOUS_TOKEN for w in plan.work):
+            tokens = batch.token_ids
+            batch.token_ids = torch.where(tokens >= 0, tokens, self.last_tokens[batch.slot_ids])
         logits = self.model.forward(batch)  # [M, V]
         sampling = [w for w in plan.work if w.sample]
-        tokens = tuple(self.sampler.sample(logits, sampling))
+        pending = None
+        if sampling:
+            out = self.sampler.sample_device(logits, sampling)
+            self.last_tokens[batch.slot_ids[batch.logits_rows]] = out.tokens
+            pending = PendingTokens.of(out, sampling)
+        kind = "decode" if batch.decode_only else "prefill"
+        return InFlight(pending, kind, batch.num_tokens, False, t0)
+
+    def collect(self, step: InFlight) -> StepResult:
+        """Wait for a launched step's tokens."""
+        tokens = tuple(step.pending.result()) if step.pending is not None else ()
         return StepResult(
-            tokens=tokens,
-            kind="decode" if batch.decode_only else "prefill",
-            duration_s=time.perf_counter() - t0,
-            num_tokens=batch.num_tokens,
+            tokens=tokens, kind=step.kind, duration_s=time.perf_counter() - step.started_s,
+            num_tokens=step.num_tokens, cuda_graph=step.cuda_graph,
         )
 
     # ---- one request, for the CLI and tests ---------------------------------------------------------

@@ -4,7 +4,10 @@ A decode step of n slots replays the graph of the smallest bucket ≥ n; rows n 
 that points at the dummy cache row. Graphs are captured largest-first into one shared memory pool,
 after an eager warm-up of each bucket (so Triton compiles outside capture). Inputs live in static
 device buffers that each replay overwrites; the sampler runs inside the graph, so a replay ends with
-the next token ids (and their logprobs) already in static output buffers.
+the next token ids (and their logprobs) already in static output buffers. Rows whose token is
+PREVIOUS_TOKEN read it inside the graph from `last_tokens` (what each slot sampled last), and
+every replay writes its sampled tokens there: a step can be launched before the host has seen
+the previous one's tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from kernels.sampling import seed_to_int64
 from runtime.batch import Batch
 from runtime.model import Model
-from runtime.sampler import SampleFn
+from runtime.sampler import PendingTokens, SampleFn
 from runtime.types import SampledToken, SeqWork
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,8 @@ def default_buckets(max_slots: int) -> list[int]:
 
 class GraphRunner:
     def __init__(
-        self, model: Model, sample_fn: SampleFn, max_slots: int, buckets: Sequence[int] | None = None
+        self, model: Model, sample_fn: SampleFn, max_slots: int, buckets: Sequence[int] | None = None,
+        last_tokens: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.sample_fn = sample_fn
@@ -45,13 +49,18 @@ class GraphRunner:
         n = self.buckets[-1]
         dev = self.device
 
+        # [max_slots + 1] int64: the token each slot sampled last (the engine's; padding rows
+        # write the dummy row)
+        self.last_tokens = (last_tokens if last_tokens is not None
+                            else torch.zeros(max_slots + 1, dtype=torch.long, device=dev))
         # Static inputs: one int64 and one fp32 block, so a step uploads them in two copies from
         # pinned staging buffers. Rows: token id, position, slot, top-k, seed | temperature,
-        # top-p, min-p; [5, n] and [3, n].
+        # top-p, min-p; [5, n] and [3, n]. Two staging sets, used in turn: while step n+1 is
+        # staged, step n's upload may still be queued behind step n−1 on the stream.
         self.ints = torch.zeros(5, n, dtype=torch.long, device=dev)
         self.floats = torch.zeros(3, n, dtype=torch.float32, device=dev)
-        self._ints_host = torch.zeros(5, n, dtype=torch.long).pin_memory()
-        self._floats_host = torch.zeros(3, n, dtype=torch.float32).pin_memory()
+        self._ints_host = [torch.zeros(5, n, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._floats_host = [torch.zeros(3, n, dtype=torch.float32).pin_memory() for _ in range(2)]
         self.token_ids, self.positions, self.slot_ids, self.top_k, self.seeds = self.ints
         self.temperature, self.top_p, self.min_p = self.floats
         self.rows = torch.arange(n, device=dev)
@@ -62,8 +71,10 @@ class GraphRunner:
         self.replays = 0
 
     def _batch(self, b: int) -> Batch:
+        slots = self.slot_ids[:b]
+        tokens = self.token_ids[:b]
         return Batch(
-            token_ids=self.token_ids[:b],
+            token_ids=torch.where(tokens >= 0, tokens, self.last_tokens[slots]),
             positions=self.positions[:b],
             slot_ids=self.slot_ids[:b],
             cu_seqlens=list(range(b + 1)),
@@ -79,6 +90,7 @@ class GraphRunner:
             logits, self.temperature[:b], self.top_k[:b], self.top_p[:b], self.min_p[:b],
             self.seeds[:b], self.positions[:b] + 1, num_top_logprobs=0,
         )
+        self.last_tokens.index_copy_(0, self.slot_ids[:b], out.tokens)
         return out.tokens, out.logprobs
 
     def capture(self) -> None:
@@ -123,31 +135,43 @@ class GraphRunner:
         )
 
     def run(self, works: Sequence[SeqWork]) -> list[SampledToken]:
+        return self.launch(works).result()
+
+    def launch(self, works: Sequence[SeqWork]) -> PendingTokens:
+        """Stage the inputs, replay, queue the tokens' copy to the host; no host sync."""
         n = len(works)
         b = self.bucket_for(n)
         pad = [0] * (b - n)
         sp = [w.sampling for w in works]
-        # The staging buffers are free again: the previous step ended by reading its tokens.
-        self._ints_host[:, :b] = torch.tensor([
+        ints_host = self._ints_host[self.replays % 2]
+        floats_host = self._floats_host[self.replays % 2]
+        # This staging set's last upload (two launches ago) ran before that step's tokens were
+        # read, which the caller did before launching again.
+        ints_host[:, :b] = torch.tensor([
             [w.token_ids[0] for w in works] + pad,
             [w.start_pos for w in works] + pad,
             [w.slot for w in works] + [self.dummy_slot] * (b - n),
             [s.top_k for s in sp] + pad,
             [seed_to_int64(s.seed) for s in sp] + pad,
         ], dtype=torch.long)
-        self._floats_host[:, :b] = torch.tensor([
+        floats_host[:, :b] = torch.tensor([
             [s.temperature for s in sp] + [1.0] * (b - n),
             [s.top_p for s in sp] + [1.0] * (b - n),
             [s.min_p for s in sp] + pad,
         ], dtype=torch.float32)
-        self.ints[:, :b].copy_(self._ints_host[:, :b], non_blocking=True)
-        self.floats[:, :b].copy_(self._floats_host[:, :b], non_blocking=True)
+        self.ints[:, :b].copy_(ints_host[:, :b], non_blocking=True)
+        self.floats[:, :b].copy_(floats_host[:, :b], non_blocking=True)
         self.graphs[b].replay()
         self.replays += 1
-        tokens = self.out_tokens[b][:n].tolist()
-        want_lp = any(s.logprobs for s in sp)
-        lps = self.out_logprobs[b][:n].tolist() if want_lp else [None] * n
-        return [
-            SampledToken(slot=w.slot, token_id=tokens[i], logprob=lps[i] if sp[i].logprobs else None)
-            for i, w in enumerate(works)
-        ]
+        # SampleOutput-like view of the static outputs: tokens and logprobs only (graphs do not
+        # serve top-N logprobs, see can_run)
+        out = _Outputs(self.out_tokens[b], self.out_logprobs[b])
+        return PendingTokens.of(out, works, rows=n)
+
+
+class _Outputs:
+    """The fields of a SampleOutput that PendingTokens reads, from a graph's static outputs."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        self.tokens, self.logprobs = tokens, logprobs
+        self.top_ids = self.top_logprobs = None

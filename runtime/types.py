@@ -60,13 +60,20 @@ class SamplingParams:
 
 GREEDY = SamplingParams(temperature=0.0)
 
+# A decode row's token id when that token is still being sampled by the step in flight: the
+# engine reads it on the device from what the slot's previous step sampled (overlapped
+# scheduling: step n+1 is planned and launched before step n's tokens reach the host).
+PREVIOUS_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class SeqWork:
     """One slot's share of a step: feed `token_ids` at positions `start_pos …`, maybe sample.
 
-    A prefill chunk feeds many tokens; a decode feeds one (the last sampled token). The KV cache
-    row `slot` must already hold positions `0 … start_pos-1` of this sequence.
+    A prefill chunk feeds many tokens; a decode feeds one (the last sampled token, or
+    PREVIOUS_TOKEN for the one the slot's previous step sampled on the device). The KV cache row
+    `slot` must already hold positions `0 … start_pos-1` of this sequence (or be about to, from
+    the step in flight).
     """
 
     slot: int

@@ -134,3 +134,48 @@ def test_greedy_generate_is_deterministic_and_stops_at_eos(engine: Engine) -> No
 def test_bad_plans_are_refused_with_a_clear_message(engine: Engine, work: SeqWork, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         engine.step(StepPlan((work,)))
+
+
+def test_a_decode_row_launched_before_its_token_is_read_equals_the_explicit_token(
+        engine: Engine) -> None:
+    """Overlapped scheduling: step n+1 is launched with PREVIOUS_TOKEN rows before step n's
+    tokens reach the host; the tokens equal those of steps fed the explicit ids."""
+    from runtime.types import PREVIOUS_TOKEN
+
+    sampling = SamplingParams(temperature=1.0, seed=11)
+    prompts = {0: [3, 1, 4, 1, 5], 2: [9, 2, 6]}
+
+    def explicit() -> dict[int, list[int]]:
+        out = {}
+        for slot, p in prompts.items():
+            r = engine.step(StepPlan((SeqWork(slot, tuple(p), 0, True, sampling),)))
+            toks = [r.tokens[0].token_id]
+            for i in range(4):
+                w = SeqWork(slot, (toks[-1],), len(p) + i, True, sampling)
+                toks.append(engine.step(StepPlan((w,))).tokens[0].token_id)
+            out[slot] = toks
+        return out
+
+    def overlapped() -> dict[int, list[int]]:
+        first = StepPlan(tuple(SeqWork(s, tuple(p), 0, True, sampling) for s, p in prompts.items()))
+        in_flight = engine.launch(first)
+        out: dict[int, list[int]] = {s: [] for s in prompts}
+        for i in range(4):
+            nxt = StepPlan(tuple(SeqWork(s, (PREVIOUS_TOKEN,), len(p) + i, True, sampling)
+                                 for s, p in prompts.items()))
+            launched = engine.launch(nxt)  # before the previous step's tokens are read
+            for t in engine.collect(in_flight).tokens:
+                out[t.slot].append(t.token_id)
+            in_flight = launched
+        for t in engine.collect(in_flight).tokens:
+            out[t.slot].append(t.token_id)
+        return out
+
+    assert overlapped() == explicit()
+
+
+def test_previous_token_is_only_valid_as_a_whole_decode_row(engine: Engine) -> None:
+    from runtime.types import PREVIOUS_TOKEN
+
+    with pytest.raises(ValueError, match="outside the vocab"):
+        engine.step(StepPlan((SeqWork(0, (5, PREVIOUS_TOKEN), 0, True),)))
