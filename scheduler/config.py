@@ -20,6 +20,16 @@ class StepEngine(Protocol):
     def step(self, plan: StepPlan) -> StepResult: ...
 
 
+class OverlapEngine(StepEngine, Protocol):
+    """An engine whose step comes in two halves (runtime.engine.Engine): `launch` queues the
+    work and returns a handle at once, `collect(handle)` waits for the tokens; rows whose token
+    is PREVIOUS_TOKEN read what their slot sampled in the step before."""
+
+    def launch(self, plan: StepPlan) -> object: ...
+
+    def collect(self, handle: object) -> StepResult: ...
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_slots: int
@@ -38,6 +48,11 @@ class SchedulerConfig:
     prefill_batch_tokens: int = 1536
     prefill_max_wait_s: float = 0.25
     prefill_batch_min_running: int = 32
+    # Overlapped scheduling (engines with launch/collect): step n+1 is planned and launched
+    # before step n's tokens are read, so the host's per-step work (reading tokens, stop checks,
+    # detokenization, streaming, planning) runs while the GPU computes instead of between steps.
+    # A request that stops at step n has computed one extra row in step n+1, which is dropped.
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_slots", "max_context", "max_chunk_tokens"):

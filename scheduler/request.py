@@ -62,6 +62,9 @@ class Request:
     state: RequestState = RequestState.WAITING
     slot: int | None = None
     num_fed: int = 0  # positions 0 … num_fed-1 of this sequence are in the slot's KV cache
+    # … and 0 … num_scheduled-1 will be once the step in flight (if any) has run
+    num_scheduled: int = 0
+    pending_samples: int = 0  # tokens the step in flight samples for this request (0 or 1)
     cached_tokens: int = 0  # prompt tokens reused from the slot's earlier contents
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

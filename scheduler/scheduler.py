@@ -4,6 +4,13 @@ Each step the plan first carries one decode token for every running request (so 
 stall streams), then continues partial prefills, then admits waiting requests into free slots, all
 under a per-step token budget. `add` and `abort` may be called from any thread; everything else runs
 on the one engine thread.
+
+Overlapped scheduling (SchedulerConfig.overlap, engines with launch/collect): each round plans and
+launches step n+1, then reads step n's tokens. Step n+1 is planned as if every request in step n
+goes on; its decode rows for tokens still being sampled carry PREVIOUS_TOKEN. A request that step
+n's token stops gets one dropped row in step n+1; the KV entry that row writes is recorded as the
+slot's contents (it is the stop token at the next position: true content, not junk), so prefix
+reuse stays exact.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from runtime.types import SampledToken, SeqWork, StepPlan, StepResult
+from runtime.types import PREVIOUS_TOKEN, SampledToken, SeqWork, StepPlan, StepResult
 from scheduler.config import DuplicateRequest, QueueFull, SchedulerConfig, StepEngine
 from scheduler.request import FinishReason, Request, RequestOutput, RequestState
 from scheduler.slots import SlotTable
@@ -26,6 +33,18 @@ from scheduler.text import IncrementalText
 log = logging.getLogger(__name__)
 
 __all__ = ["DuplicateRequest", "QueueFull", "Scheduler", "SchedulerConfig", "StepEngine"]
+
+
+@dataclass
+class _Launched:
+    """A step the engine is running: its plan, the request behind each row, the engine's
+    handle, and host times for its StepStats."""
+
+    plan: StepPlan
+    reqs: list[Request]  # reqs[i] owns plan.work[i]
+    handle: object
+    hits: int
+    before_s: float  # the round's host time before the launch returned
 
 
 class Scheduler:
@@ -52,6 +71,7 @@ class Scheduler:
         self._running: list[Request] = []  # admitted (prefilling or running), admission order
         self._texts: dict[str, IncrementalText] = {}
         self._eos = frozenset(config.eos_token_ids)
+        self._in_flight: _Launched | None = None  # launched, tokens not read yet
 
     # ---- any thread ----------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -100,7 +120,8 @@ class Scheduler:
             return self._has_work()
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self._waiting or self._running)
+        return bool(self._inbox or self._aborts or self._waiting or self._running
+                    or self._in_flight is not None)
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until there is something to do (or `timeout`, or `wake()`); True if there is."""
@@ -115,23 +136,63 @@ class Scheduler:
 
     # ---- engine thread -------------------------------------------------------------------------
     def step(self, engine: StepEngine) -> list[RequestOutput]:
-        """One scheduling round: take new requests and aborts, run one engine step, emit deltas."""
+        """One scheduling round: take new requests and aborts, launch a step, emit deltas.
+
+        Sequential: plan, run, read the tokens. Overlapped (config.overlap and an engine with
+        launch/collect): plan and launch the next step first, then read the tokens of the one
+        launched in the previous round, which ran on the GPU while this round's host work did.
+        """
         t0 = time.perf_counter()
+        overlap = self.config.overlap and callable(getattr(engine, "launch", None))
         outputs = self._take_inbox()
-        plan, hits = self.schedule()
+        if self._in_flight is not None and not self._can_plan_ahead():
+            outputs += self._collect(engine)
+        plan, reqs, hits = self.schedule()
+        launched = None
         if plan is not None:
             t1 = time.perf_counter()
             try:
-                result = engine.step(plan)
+                handle = engine.launch(plan) if overlap else engine.step(plan)
             except Exception as exc:  # the engine's state for these rows is unknown: fail them
                 log.exception("engine step failed; failing %d requests", len(plan.work))
-                outputs += self._fail(plan, f"engine step failed: {type(exc).__name__}: {exc}")
+                outputs += self._fail(reqs, f"engine step failed: {type(exc).__name__}: {exc}")
             else:
-                t2 = time.perf_counter()
-                outputs += self.update(plan, result, hits,
-                                       before_s=(t1 - t0), started_s=t2)
+                for w, req in zip(plan.work, reqs, strict=True):
+                    req.num_scheduled = w.end_pos
+                    req.pending_samples += w.sample
+                launched = _Launched(plan, reqs, handle, hits, t1 - t0)
+        if self._in_flight is not None:
+            outputs += self._collect(engine)
+        self._in_flight = launched
+        if launched is not None and not overlap:
+            outputs += self._collect(engine, ran=True)
         self._sink.on_gauges(self.gauges())
         return outputs
+
+    def _can_plan_ahead(self) -> bool:
+        """Whether the next plan may be made before the step in flight is read: not when a
+        running request's penalties need its latest token on the host."""
+        return not any(r.sampling.has_penalties and r.pending_samples for r in self._running)
+
+    def _collect(self, engine: StepEngine, ran: bool = False) -> list[RequestOutput]:
+        """Read the step in flight's tokens and apply them (`ran`: engine.step already did)."""
+        step, self._in_flight = self._in_flight, None
+        assert step is not None
+        try:
+            result = step.handle if ran else engine.collect(step.handle)  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.exception("engine step failed; failing %d requests", len(step.plan.work))
+            self._forget_slots(step)
+            return self._fail(step.reqs, f"engine step failed: {type(exc).__name__}: {exc}")
+        t2 = time.perf_counter()
+        return self.update(step.plan, result, step.hits, before_s=step.before_s, started_s=t2,
+                           reqs=step.reqs)
+
+    def _forget_slots(self, step: _Launched) -> None:
+        """A failed step's rows hold unknown cache contents: free rows must not be reused."""
+        for w in step.plan.work:
+            if self.slots.owner(w.slot) is None:
+                self.slots.forget(w.slot)
 
     def _take_inbox(self) -> list[RequestOutput]:
         with self._lock:
@@ -147,31 +208,49 @@ class Scheduler:
                 outputs.append(self._finish(req, FinishReason.ABORTED))
         return outputs
 
-    def schedule(self) -> tuple[StepPlan | None, int]:
-        """Build the next StepPlan (None when idle) and the prefix-hit tokens of new admissions."""
+    def schedule(self) -> tuple[StepPlan | None, list[Request], int]:
+        """Build the next StepPlan (None when idle), the request behind each row, and the
+        prefix-hit tokens of new admissions. Positions count what is in flight as fed."""
         budget = self.config.max_step_tokens
         work: list[SeqWork] = []
+        reqs: list[Request] = []
+        decoding = 0
         for req in self._running:  # decode tokens first: one per running request
-            if req.output_ids:
-                work.append(self._work(req, 1))
-                budget -= 1
+            if req.num_scheduled >= len(req.prompt_ids):
+                decoding += 1
+                if not self._done_after_in_flight(req):
+                    work.append(self._work(req, 1))
+                    reqs.append(req)
+                    budget -= 1
         for req in self._running:  # then continue partial prefills, oldest first
-            if not req.output_ids and budget > 0:
-                chunk = min(len(req.prompt_ids) - req.num_fed, self.config.max_chunk_tokens, budget)
+            if req.num_scheduled < len(req.prompt_ids) and budget > 0:
+                chunk = min(len(req.prompt_ids) - req.num_scheduled, self.config.max_chunk_tokens,
+                            budget)
                 work.append(self._work(req, chunk))
+                reqs.append(req)
                 budget -= chunk
         hits = 0
-        decoding = sum(1 for req in self._running if req.output_ids)
         chunked = len(work) > decoding  # a prompt chunk already makes this an eager step
         if self._waiting and not chunked and not self._admission_due(budget, decoding):
-            return (StepPlan(tuple(work)) if work else None), hits
+            return (StepPlan(tuple(work)) if work else None), reqs, hits
         while self._waiting and budget > 0 and self.slots.num_free:
             req = self._waiting.popleft()
             hits += self._admit(req)
-            chunk = min(len(req.prompt_ids) - req.num_fed, self.config.max_chunk_tokens, budget)
+            chunk = min(len(req.prompt_ids) - req.num_scheduled, self.config.max_chunk_tokens,
+                        budget)
             work.append(self._work(req, chunk))
+            reqs.append(req)
             budget -= chunk
-        return (StepPlan(tuple(work)) if work else None), hits
+        return (StepPlan(tuple(work)) if work else None), reqs, hits
+
+    def _done_after_in_flight(self, req: Request) -> bool:
+        """Whether the token in flight ends the request by length (so no row for it now)."""
+        if not req.pending_samples:
+            return False
+        n_out = len(req.output_ids) + req.pending_samples
+        limit = req.stop.max_new_tokens
+        return ((limit is not None and n_out >= limit)
+                or req.num_tokens + req.pending_samples >= self.config.max_context)
 
     def _admission_due(self, budget: int, decoding: int) -> bool:
         """Whether this step admits waiting requests (SchedulerConfig: prefill batching)."""
@@ -193,6 +272,7 @@ class Scheduler:
             req.request_id, req.prompt_ids, self.config.prefix_reuse_slack
         )
         req.slot, req.num_fed, req.cached_tokens = slot, reused, reused
+        req.num_scheduled = reused
         req.state = RequestState.PREFILLING
         req.admitted_s = self._clock()
         if req.random_seed:
@@ -203,41 +283,50 @@ class Scheduler:
         return reused
 
     def _work(self, req: Request, n: int) -> SeqWork:
-        start = req.num_fed
+        start = req.num_scheduled
         penalties = req.sampling.has_penalties
+        # at `start` == num_tokens: the token the step in flight samples
+        tokens = req.tokens(start, start + n) if start < req.num_tokens else (PREVIOUS_TOKEN,)
         return SeqWork(
             slot=req.slot,  # type: ignore[arg-type]
-            token_ids=req.tokens(start, start + n),
+            token_ids=tokens,
             start_pos=start,
-            sample=start + n == req.num_tokens,
+            sample=start + n >= len(req.prompt_ids),
             sampling=req.sampling,
             prompt_token_ids=req.prompt_ids if penalties else (),
             output_token_ids=tuple(req.output_ids) if penalties else (),
         )
 
     def update(self, plan: StepPlan, result: StepResult, hits: int = 0, before_s: float = 0.0,
-               started_s: float | None = None) -> list[RequestOutput]:
+               started_s: float | None = None, reqs: list[Request] | None = None
+               ) -> list[RequestOutput]:
         """Apply an engine step's result: advance positions, append tokens, check stops.
-        before_s: the round's host time before Engine.step; started_s: perf_counter() when it
-        returned (the host time of this update is added to the step's scheduler_s)."""
+        reqs: the request behind each row (default: the running request in the row's slot);
+        rows of requests that finished meanwhile are dropped. before_s: the round's host time
+        before the step was launched; started_s: perf_counter() when its tokens were read (the
+        host time of this update is added to the step's scheduler_s)."""
         sampled = iter(result.tokens)
         outputs: list[RequestOutput] = []
         now = self._clock()
         ttft: list[float] = []
         itl: list[float] = []
         prompt_tokens = generated = 0
-        by_slot = {req.slot: req for req in self._running}
-        for w in plan.work:
-            req = by_slot[w.slot]
-            self.slots.record(w.slot, w.start_pos, w.token_ids)
-            req.num_fed = w.end_pos
+        if reqs is None:
+            by_slot = {req.slot: req for req in self._running}
+            reqs = [by_slot[w.slot] for w in plan.work]
+        for w, req in zip(plan.work, reqs, strict=True):
+            token = next(sampled) if w.sample else None
+            if token is not None and token.slot != w.slot:
+                raise RuntimeError(f"engine returned slot {token.slot} for slot {w.slot}")
+            if req.is_finished:
+                continue  # stopped or aborted while this step ran: its row is dropped
             if not req.output_ids:
                 prompt_tokens += len(w.token_ids)
-            if not w.sample:
+            self.slots.record(w.slot, w.start_pos, req.tokens(w.start_pos, w.end_pos))
+            req.num_fed = w.end_pos
+            if token is None:
                 continue
-            token = next(sampled)
-            if token.slot != w.slot:
-                raise RuntimeError(f"engine returned slot {token.slot} for slot {w.slot}")
+            req.pending_samples -= 1
             generated += 1
             if req.first_token_s is None:
                 req.first_token_s = now
@@ -292,6 +381,11 @@ class Scheduler:
         tail = text.flush() if text is not None and reason is not FinishReason.STOP_SEQUENCE else ""
         if req.slot is not None and req in self._running:
             self._running.remove(req)
+            if error is None and req.num_scheduled > req.num_fed:
+                # The step in flight writes these positions (the token that stopped the request
+                # at the next one, or a prompt chunk): known tokens, so the row keeps them.
+                self.slots.record(req.slot, req.num_fed,
+                                  req.tokens(req.num_fed, req.num_scheduled))
             self.slots.release(req.slot, keep_contents=error is None)
         req.state = RequestState.FINISHED
         req.finish_reason = reason
@@ -312,9 +406,8 @@ class Scheduler:
             completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens, error=error,
         )
 
-    def _fail(self, plan: StepPlan, error: str) -> list[RequestOutput]:
-        slots = {w.slot for w in plan.work}
-        failed = [req for req in self._running if req.slot in slots]
+    def _fail(self, reqs: list[Request], error: str) -> list[RequestOutput]:
+        failed = [req for req in dict.fromkeys(reqs) if not req.is_finished]
         return [self._finish(req, FinishReason.ERROR, error) for req in failed]
 
     def abort_all(self) -> None:

@@ -96,3 +96,9 @@ class SlotTable:
         self._released_at[slot] = self._clock
         if not keep_contents:
             self._tokens[slot].clear()
+
+    def forget(self, slot: int) -> None:
+        """A free row whose contents are unknown (a failed step wrote it): nothing to reuse."""
+        if self._owner[slot] is not None:
+            raise ValueError(f"slot {slot} is in use")
+        self._tokens[slot].clear()

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "prompts add up to this many tokens (0: at once)")
     p.add_argument("--prefill-max-wait-ms", type=float, default=250.0,
                    help="…or once the oldest waiting request has waited this long")
+    p.add_argument("--no-overlap-scheduling", action="store_true",
+                   help="read each step's tokens before planning the next (default: plan and "
+                        "launch step n+1 while step n runs)")
     p.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens accepted (default: the context)")
     p.add_argument("--grace-period", type=float, default=30.0,
@@ -62,6 +65,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a ServerConfig
         max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
         prefill_batch_tokens=args.prefill_batch_tokens,
         prefill_max_wait_s=args.prefill_max_wait_ms / 1e3,
+        overlap_scheduling=not args.no_overlap_scheduling,
         max_new_tokens_limit=args.max_new_tokens_limit, grace_period_s=args.grace_period,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token,
     )

@@ -27,6 +27,7 @@ class ServerConfig:
     # prefill batching under load (scheduler/config.py): 0 tokens = admit at once
     prefill_batch_tokens: int = 1536
     prefill_max_wait_s: float = 0.25
+    overlap_scheduling: bool = True  # plan/launch step n+1 while step n runs (SchedulerConfig)
     max_new_tokens_limit: int | None = None  # None: the context size
     max_request_bytes: int = 4 << 20  # larger requests: INVALID_ARGUMENT (gRPC refuses 2× that)
     grace_period_s: float = 30.0  # SIGTERM: time in-flight requests get to finish

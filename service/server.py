@@ -109,6 +109,7 @@ class ServerHandle:
                 max_queue=cfg.max_queue, prefix_reuse_slack=engine.prefix_reuse_slack,
                 prefill_batch_tokens=cfg.prefill_batch_tokens,
                 prefill_max_wait_s=cfg.prefill_max_wait_s,
+                overlap=cfg.overlap_scheduling,
                 eos_token_ids=mc.eos_token_ids,
             ),
             decode=_text_decoder(engine.tokenizer),

@@ -14,7 +14,7 @@ from array import array
 from collections.abc import Sequence
 
 from runtime.config import ModelConfig
-from runtime.types import SampledToken, SamplingParams, StepPlan, StepResult
+from runtime.types import PREVIOUS_TOKEN, SampledToken, SamplingParams, StepPlan, StepResult
 
 EOS = 256
 
@@ -37,7 +37,9 @@ def next_token(seq: Sequence[int], sampling: SamplingParams, vocab_size: int) ->
 
 
 class FakeEngine:
-    """Implements `Engine.step` on plain lists; checks the plan's invariants as it goes."""
+    """Implements `Engine.step` (and its halves, launch/collect, as the scheduler's overlapped
+    mode uses them) on plain lists; checks the plan's invariants as it goes. A PREVIOUS_TOKEN
+    row reads the token its slot sampled last, as the real engine does on the device."""
 
     def __init__(
         self,
@@ -64,6 +66,18 @@ class FakeEngine:
         self.fail_next = False
         self.gate: threading.Event | None = None  # when set by a test, steps wait on it
         self.steps = 0
+        self.last: list[int | None] = [None] * (max_slots + 1)  # what each slot sampled last
+        self.in_flight = 0  # launched, not collected (the scheduler keeps ≤ 2: one running)
+
+    def launch(self, plan: StepPlan) -> StepResult:
+        assert self.in_flight <= 1, "more than one step in flight before a collect"
+        result = self.step(plan)
+        self.in_flight += 1
+        return result
+
+    def collect(self, handle: StepResult) -> StepResult:
+        self.in_flight -= 1
+        return handle
 
     def step(self, plan: StepPlan) -> StepResult:
         if self.gate is not None:
@@ -81,13 +95,19 @@ class FakeEngine:
             row = self.rows[w.slot]
             assert w.start_pos <= len(row), (w.start_pos, len(row))
             assert w.end_pos <= self.max_context
+            tokens = w.token_ids
+            if PREVIOUS_TOKEN in tokens:
+                assert tokens == (PREVIOUS_TOKEN,), tokens
+                assert self.last[w.slot] is not None, f"slot {w.slot} has sampled nothing"
+                tokens = (self.last[w.slot],)
             del row[w.start_pos :]
-            row.extend(w.token_ids)
+            row.extend(tokens)
             if w.start_pos == 0:
                 self._gen_start.pop(w.slot, None)
             if w.sample:
                 out.append(SampledToken(w.slot, self._next(w.slot, row, w.sampling),
                                         logprob=-1.0 if w.sampling.logprobs else None))
+                self.last[w.slot] = out[-1].token_id
         kind = "decode" if plan.is_decode_only else "prefill"
         return StepResult(tuple(out), kind=kind, duration_s=0.001, num_tokens=plan.num_tokens)
 
@@ -131,3 +151,9 @@ class Throttled:
 
         time.sleep(self.delay_s)
         return self._engine.step(plan)  # type: ignore[attr-defined]
+
+    def launch(self, plan: StepPlan) -> object:
+        import time
+
+        time.sleep(self.delay_s)
+        return self._engine.launch(plan)  # type: ignore[attr-defined]
