@@ -120,7 +120,7 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
     p = prepared
     if cfg.gemv is not None and p.gemv_ok:
         return moe_gemv(x, plan.experts, plan.weights, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2,
-                        cfg.gemv, alpha, limit)
+                        cfg.gemv, alpha, limit, counters=p.counters)
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     pdl = cfg.pdl
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast, pdl)
