@@ -136,42 +136,44 @@ def test_bad_plans_are_refused_with_a_clear_message(engine: Engine, work: SeqWor
         engine.step(StepPlan((work,)))
 
 
-def test_a_decode_row_launched_before_its_token_is_read_equals_the_explicit_token(
-        engine: Engine) -> None:
-    """Overlapped scheduling: step n+1 is launched with PREVIOUS_TOKEN rows before step n's
-    tokens reach the host; the tokens equal those of steps fed the explicit ids."""
+def overlapped_and_explicit(engine: Engine) -> tuple[dict, dict]:
+    """The tokens of two seeded requests over 5 steps, fed explicitly step by step, and with each
+    decode step launched (PREVIOUS_TOKEN rows) before the previous step's tokens are read."""
     from runtime.types import PREVIOUS_TOKEN
 
     sampling = SamplingParams(temperature=1.0, seed=11)
     prompts = {0: [3, 1, 4, 1, 5], 2: [9, 2, 6]}
 
-    def explicit() -> dict[int, list[int]]:
-        out = {}
-        for slot, p in prompts.items():
-            r = engine.step(StepPlan((SeqWork(slot, tuple(p), 0, True, sampling),)))
-            toks = [r.tokens[0].token_id]
-            for i in range(4):
-                w = SeqWork(slot, (toks[-1],), len(p) + i, True, sampling)
-                toks.append(engine.step(StepPlan((w,))).tokens[0].token_id)
-            out[slot] = toks
-        return out
-
-    def overlapped() -> dict[int, list[int]]:
-        first = StepPlan(tuple(SeqWork(s, tuple(p), 0, True, sampling) for s, p in prompts.items()))
-        in_flight = engine.launch(first)
-        out: dict[int, list[int]] = {s: [] for s in prompts}
+    explicit = {}
+    for slot, p in prompts.items():
+        r = engine.step(StepPlan((SeqWork(slot, tuple(p), 0, True, sampling),)))
+        toks = [r.tokens[0].token_id]
         for i in range(4):
-            nxt = StepPlan(tuple(SeqWork(s, (PREVIOUS_TOKEN,), len(p) + i, True, sampling)
-                                 for s, p in prompts.items()))
-            launched = engine.launch(nxt)  # before the previous step's tokens are read
-            for t in engine.collect(in_flight).tokens:
-                out[t.slot].append(t.token_id)
-            in_flight = launched
-        for t in engine.collect(in_flight).tokens:
-            out[t.slot].append(t.token_id)
-        return out
+            w = SeqWork(slot, (toks[-1],), len(p) + i, True, sampling)
+            toks.append(engine.step(StepPlan((w,))).tokens[0].token_id)
+        explicit[slot] = toks
 
-    assert overlapped() == explicit()
+    first = StepPlan(tuple(SeqWork(s, tuple(p), 0, True, sampling) for s, p in prompts.items()))
+    in_flight = engine.launch(first)
+    overlapped: dict[int, list[int]] = {s: [] for s in prompts}
+    for i in range(4):
+        nxt = StepPlan(tuple(SeqWork(s, (PREVIOUS_TOKEN,), len(p) + i, True, sampling)
+                             for s, p in prompts.items()))
+        launched = engine.launch(nxt)  # before the previous step's tokens are read
+        for t in engine.collect(in_flight).tokens:
+            overlapped[t.slot].append(t.token_id)
+        in_flight = launched
+    for t in engine.collect(in_flight).tokens:
+        overlapped[t.slot].append(t.token_id)
+    return overlapped, explicit
+
+
+def test_a_decode_row_launched_before_its_token_is_read_equals_the_explicit_token(
+        engine: Engine) -> None:
+    """Overlapped scheduling: step n+1 is launched with PREVIOUS_TOKEN rows before step n's
+    tokens reach the host; the tokens equal those of steps fed the explicit ids."""
+    overlapped, explicit = overlapped_and_explicit(engine)
+    assert overlapped == explicit
 
 
 def test_previous_token_is_only_valid_as_a_whole_decode_row(engine: Engine) -> None:

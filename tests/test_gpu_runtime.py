@@ -95,6 +95,19 @@ def test_graph_replay_equals_eager_for_every_bucket() -> None:
         assert results[0] == results[1], f"bucket {bucket}: graph replay differs from eager"
 
 
+def test_overlapped_launches_equal_explicit_steps_on_graphs_and_eager() -> None:
+    """PREVIOUS_TOKEN rows (decode graphs, and eager steps) read the token the slot's previous
+    step sampled on the device, before the host has read it."""
+    from tests.test_engine_batching import overlapped_and_explicit
+
+    for graphs in (True, False):
+        e = engine("triton", graphs=graphs, dtype="float32")
+        overlapped, explicit = overlapped_and_explicit(e)
+        assert overlapped == explicit, f"graphs={graphs}"
+        if graphs:
+            assert e.graphs is not None and e.graphs.replays > 0
+
+
 def test_random_gpt_oss_20b_generates_through_the_whole_gpu_path() -> None:
     from runtime import synthetic
 
