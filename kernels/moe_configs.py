@@ -86,6 +86,18 @@ DECODE_WIDE = _both(DECODE, wide_loads=True)
 PREFILL_PF = _both(PREFILL, prefetch=4, wide_loads=True)
 MIDDLE = PREFILL_PF
 
+# The defaults since the H100 sweep of 2026-11-25 (session 3, commit 0e4f817; bench/results/
+# moe.jsonl): the same tiles with each k-step's exponents loaded one step ahead (`scale_ahead`,
+# kernels/moe_configs_latency.py's m_* entries, which these equal), and a 32-row middle tile.
+# µs per layer before → after: 20b 64 tokens 296 → 274, 128: 386 → 313, 256: 544 → 440,
+# 1024: 997 → 966, 4096: 2898 → 2797; 120b 64: 880 → 819, 256: 1033 → 958, 1024: 1809 → 1539.
+# At 16 tokens of 20b (2 rows per expert) the decode tiles now beat the GEMVs (249 vs 318+).
+_AHEAD = dict(wide_loads=True, scale_ahead=True)
+_T128_SA = GemmTiles(128, 128, swap_ab=True, num_stages=1, **_AHEAD)
+DECODE_SA = _both(DECODE, **_AHEAD)  # ≤ 8 rows per expert
+MIDDLE_SA = MoEConfig(32, _T128_SA, _T128_SA, fuse_combine=True)  # 8 < rows ≤ 64
+PREFILL_SA = _both(PREFILL, prefetch=4, **_AHEAD)  # > 64 rows per expert
+
 # What bench/moe.py --sweep times (each checked against the oracle first). Kept small: every
 # entry is two or three kernel compiles on the GPU machine, whose time is scarce.
 # (Riskier launch features last: a sticky CUDA error would end the sweep, not its first half.)
@@ -154,12 +166,15 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """GEMVs up to GEMV_MAX_PAIRS (token, expert) pairs, then by the average rows per expert:
-    16-row decode tiles up to 16, 64-row prefill tiles above."""
+    """By the average rows per expert (H100 sweep of 2026-11-25, commit 0e4f817): GEMVs up to
+    one row per expert (and GEMV_MAX_PAIRS pairs), then tiles with the exponents loaded a step
+    ahead: 16-row decode tiles up to 8 rows, 32-row tiles up to 64, 64-row prefill tiles above."""
     rows = tokens * top_k / num_experts
     pairs = tokens * top_k
-    if pairs <= GEMV_MAX_PAIRS:
+    if pairs <= GEMV_MAX_PAIRS and rows <= 1:
         return GEMV_FAST
-    if rows <= 16:
-        return DECODE_WIDE
-    return PREFILL_PF
+    if rows <= 8:
+        return DECODE_SA
+    if rows <= 64:
+        return MIDDLE_SA
+    return PREFILL_SA

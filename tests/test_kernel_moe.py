@@ -13,7 +13,6 @@ import torch
 from kernels.moe import (
     DECODE,
     DECODE_WIDE,
-    PREFILL_PF,
     MoEConfig,
     choose_config,
     moe_forward,
@@ -21,6 +20,7 @@ from kernels.moe import (
     prepare_moe,
     router_logits,
 )
+from kernels.moe_configs import DECODE_SA, MIDDLE_SA, PREFILL_SA
 from kernels.moe_gemm import GemmTiles
 from kernels.moe_ref import experts_ref, route_ref
 from kernels.moe_routing import route
@@ -116,11 +116,23 @@ def test_no_tokens() -> None:
 
 def test_config_follows_rows_per_expert() -> None:
     assert choose_config(1, 4, 32).gemv is not None  # small batches: GEMVs (test_kernel_moe_gemv)
-    assert choose_config(16, 4, 32).gemv is not None  # 64 pairs: still GEMVs
-    assert choose_config(17, 4, 32) is DECODE_WIDE
-    assert choose_config(64, 4, 128) is DECODE_WIDE
-    assert choose_config(256, 4, 32) is PREFILL_PF  # 32 rows per expert
-    assert choose_config(4096, 4, 32) is PREFILL_PF
+    assert choose_config(8, 4, 32).gemv is not None  # one row per expert: still GEMVs
+    assert choose_config(16, 4, 128).gemv is not None  # 64 pairs over 128 experts: GEMVs
+    assert choose_config(16, 4, 32) is DECODE_SA  # 2 rows per expert: tiles
+    assert choose_config(64, 4, 32) is DECODE_SA  # 8 rows
+    assert choose_config(256, 4, 128) is DECODE_SA
+    assert choose_config(128, 4, 32) is MIDDLE_SA  # 16 rows
+    assert choose_config(512, 4, 32) is MIDDLE_SA  # 64 rows
+    assert choose_config(513, 4, 32) is PREFILL_SA
+    assert choose_config(4096, 4, 32) is PREFILL_SA
+
+
+def test_defaults_are_the_measured_sweep_candidates() -> None:
+    from kernels.moe_configs_latency import LATENCY_CANDIDATES
+
+    assert LATENCY_CANDIDATES["m_w_sa"] == DECODE_SA
+    assert LATENCY_CANDIDATES["m_m32_sa"] == MIDDLE_SA
+    assert LATENCY_CANDIDATES["m_p_pf4w_sa"] == PREFILL_SA
 
 
 # ---- GPU, real shapes ------------------------------------------------------------------------------
