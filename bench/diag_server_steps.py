@@ -6,8 +6,9 @@
 A real server over the real engine (random weights), the bench client in its own process as in
 a deployment. The engine is wrapped so that every step records its host wall time, its GPU time
 (CUDA events around it), its kind, rows and tokens, and the gap since the previous step returned
-(the scheduler's own Python, handing outputs to the event loop, and waits for the GIL). The sum
-of those gaps and of (wall − GPU) is the time the GPU sat idle because of the host.
+(the scheduler's own Python, handing outputs to the event loop, and waits for the GIL). With
+overlapped scheduling a step's span runs from its launch to its collect, so spans overlap (the
+gaps are negative); the GPU totals then say how busy the GPU was.
 """
 
 from __future__ import annotations
@@ -49,15 +50,25 @@ class TracingEngine:
         return getattr(self._engine, name)
 
     def step(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))
+
+    # Overlapped scheduling calls the halves: a step's trace spans its launch to its collect; its
+    # GPU time runs from the end of the work queued before it to the end of its own.
+    def launch(self, plan: StepPlan) -> tuple:
         events = None
         if self._cuda:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
         t0 = time.perf_counter()
-        result = self._engine.step(plan)
-        t1 = time.perf_counter()
+        handle = self._engine.launch(plan)
         if events is not None:
             events[1].record()
+        return plan, handle, events, t0
+
+    def collect(self, handle: tuple) -> StepResult:
+        plan, inner, events, t0 = handle
+        result = self._engine.collect(inner)
+        t1 = time.perf_counter()
         decodes = sum(1 for w in plan.work if len(w.token_ids) == 1)
         if result.cuda_graph:
             kind = "graph"
