@@ -40,22 +40,29 @@ def plans(rng: random.Random) -> dict[str, StepPlan]:
         "1046 prefill, 4 seqs": StepPlan(tuple(chunk(s, n) for s, n in
                                                zip(range(4), (512, 300, 200, 34), strict=True))),
         "2048 prefill, 4 seqs": StepPlan(tuple(chunk(s, 512) for s in range(4))),
+        # what the load bench's mixed steps carried at 512 streams (bench/diag_server_steps)
+        "420 decode + 1400 prefill": StepPlan(tuple(dec(range(420)) + [
+            chunk(420 + i, n) for i, n in enumerate((512, 400, 300, 188))])),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--only", default="", help="run the plans whose name contains this")
+    ap.add_argument("--kernels", type=int, default=0, help="print the N costliest GPU kernels")
     args = ap.parse_args()
     require_cuda()
     cfg = preset("20b").with_(num_hidden_layers=args.layers)
     weights = random_weights(cfg, seed=0, device=DEVICE, dtype=torch.bfloat16)
-    engine = Engine(EngineConfig(device=DEVICE, dtype="bfloat16", max_slots=256,
+    engine = Engine(EngineConfig(device=DEVICE, dtype="bfloat16", max_slots=512,
                                  max_context=2048, max_chunk_tokens=512, kernels="triton"),
                     weights=weights)
     engine.warmup(2048)
     rows = []
     for name, plan in plans(random.Random(0)).items():
+        if args.only not in name:
+            continue
         for _ in range(2):
             engine.step(plan)
         sync()
@@ -70,6 +77,9 @@ def main() -> None:
             engine.step(plan)
             sync()
         gpu = sum(e.device_time_total for e in prof.key_averages()) / 1e3  # ms
+        if args.kernels:
+            print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.kernels,
+                                            max_name_column_width=60))
         pr = cProfile.Profile()
         pr.enable()
         engine.step(plan)
