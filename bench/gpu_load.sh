@@ -30,13 +30,16 @@ mkdir -p "$OUT"
 DEVICE_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
 DEVICE_NAME="${DEVICE_NAME:-$DEVICE}"
 COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-STEP_TOKENS=$(( SLOTS > 2048 ? SLOTS : 2048 ))
+STEP_TOKENS="${STEP_TOKENS:-$(( SLOTS > 2048 ? SLOTS : 2048 ))}"  # tokens per engine step
+PREFILL_BATCH="${PREFILL_BATCH:-1536}"  # --prefill-batch-tokens
 T0=$SECONDS
-echo "=== $SHAPE on $DEVICE_NAME: slots $SLOTS, context $CONTEXT, levels $LEVELS, requests $REQUESTS"
+echo "=== $SHAPE on $DEVICE_NAME: slots $SLOTS, context $CONTEXT, step tokens $STEP_TOKENS," \
+  "prefill batch $PREFILL_BATCH, levels $LEVELS, requests $REQUESTS"
 
 rm -f "$OUT/ports.json"
 $PY -m service.cli serve --random-shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
   --max-slots "$SLOTS" --max-context "$CONTEXT" --max-step-tokens "$STEP_TOKENS" \
+  --prefill-batch-tokens "$PREFILL_BATCH" \
   --max-queue $(( 2 * SLOTS )) --grace-period 5 --port 0 --metrics-port 0 \
   --port-file "$OUT/ports.json" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
