@@ -1,7 +1,8 @@
 """The engine thread: runs scheduler steps and hands outputs to the asyncio loop.
 
-GPU (or CPU) work never runs on the event loop: this thread blocks in `Engine.step`, then posts each
-step's RequestOutputs back with `loop.call_soon_threadsafe`, where they land in one asyncio.Queue per
+GPU (or CPU) work never runs on the event loop: this thread runs `Scheduler.step` (which launches
+the next engine step and waits for the previous one's tokens, the GIL released), then posts the
+RequestOutputs back with `loop.call_soon_threadsafe`, where they land in one asyncio.Queue per
 request.
 """
 

@@ -67,7 +67,9 @@ class Metrics:
             "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
         )
         self.step = hist(
-            "step_duration_seconds", "Engine step time.", STEP_BUCKETS, labels=("kind",)
+            "step_duration_seconds",
+            "Engine step time, launch to tokens read (overlapped: includes the wait for the step "
+            "before it on the GPU).", STEP_BUCKETS, labels=("kind",)
         )
         self.batch = hist("batch_size", "Sequences per engine step.", BATCH_BUCKETS)
         self.scheduler_time = hist(
