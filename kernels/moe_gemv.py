@@ -187,14 +187,15 @@ def _gemv1_swiglu_kernel(
     tl.store(ACT + pair.to(tl.int64) * stride_a + pos, act, mask=cols < n2 // 2)
 
 
-@jit(do_not_specialize=("stride_ps", "n_pairs"))
-def _gemv2_kernel(
+@jit
+def _gemv2_part(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
     EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    EMULATE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias)."""
+    """This program's (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32,
+    no bias); returns the block's index and rows (GEMM 2 and its fused-combine variant)."""
     pid = tl.program_id(0)
     pair = pid % n_pairs
     split = (pid // n_pairs) % SPLIT_K
@@ -208,6 +209,20 @@ def _gemv2_kernel(
                    _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se, rows_c * stride_sn,
                    stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
     tl.store(PART + split * stride_ps + pair.to(tl.int64) * stride_pp + rows, y, mask=rows < n_rows)
+    return nb, rows
+
+
+@jit(do_not_specialize=("stride_ps", "n_pairs"))
+def _gemv2_kernel(
+    A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
+    EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
+    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
+    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0,
+):
+    """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias)."""
+    _gemv2_part(A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
+                EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
+                SPLIT_K, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
 
 
 @jit(do_not_specialize=("stride_ps",))

@@ -126,20 +126,10 @@ def _gemv2_fused_kernel(
 ):
     """moe_gemv._gemv2_kernel, then the last of the N block's n_pairs·SPLIT_K programs to arrive
     combines the block for every token into OUT (x's dtype) and resets the block's counter."""
-    pid = tl.program_id(0)
-    pair = pid % n_pairs
-    split = (pid // n_pairs) % SPLIT_K
-    nb = pid // (n_pairs * SPLIT_K)
-    e = tl.load(EXPERTS + pair).to(tl.int64)
-    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, n_rows - 1)
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, k_dim)
-    y = _gemv_rows(A, pair.to(tl.int64) * stride_a, W + e * stride_we,  # noqa: F821 - moe_gemv's
-                   _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se,  # noqa: F821
-                   rows_c * stride_sn, stride_sg, k_lo, k_hi, k_dim, BLOCK_N, BLOCK_K, DEQ,
-                   EMULATE, PREFETCH)
-    tl.store(PART + split * stride_ps + pair.to(tl.int64) * stride_pp + rows, y, mask=rows < n_rows)
+    nb, rows = _gemv2_part(  # noqa: F821 - moe_gemv's
+        A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
+        EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
+        SPLIT_K, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
     tl.debug_barrier()  # every thread's partials precede the release below
     done = tl.atomic_add(COUNTERS + nb, 1, sem="acq_rel", scope="gpu")
     if done == n_pairs * SPLIT_K - 1:
