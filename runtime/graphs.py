@@ -76,7 +76,7 @@ class GraphRunner:
         return Batch(
             token_ids=torch.where(tokens >= 0, tokens, self.last_tokens[slots]),
             positions=self.positions[:b],
-            slot_ids=self.slot_ids[:b],
+            slot_ids=slots,
             cu_seqlens=list(range(b + 1)),
             seq_slots=[self.dummy_slot] * b,  # unused on the decode path
             seq_start_pos=[0] * b,

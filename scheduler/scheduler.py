@@ -44,7 +44,7 @@ class _Launched:
     reqs: list[Request]  # reqs[i] owns plan.work[i]
     handle: object
     hits: int
-    before_s: float  # the round's host time before the launch returned
+    before_s: float  # the round's host time before the engine was called
 
 
 class Scheduler:
@@ -185,8 +185,7 @@ class Scheduler:
             self._forget_slots(step)
             return self._fail(step.reqs, f"engine step failed: {type(exc).__name__}: {exc}")
         t2 = time.perf_counter()
-        return self.update(step.plan, result, step.hits, before_s=step.before_s, started_s=t2,
-                           reqs=step.reqs)
+        return self.update(step.plan, step.reqs, result, step.hits, step.before_s, t2)
 
     def _forget_slots(self, step: _Launched) -> None:
         """A failed step's rows hold unknown cache contents: free rows must not be reused."""
@@ -297,23 +296,19 @@ class Scheduler:
             output_token_ids=tuple(req.output_ids) if penalties else (),
         )
 
-    def update(self, plan: StepPlan, result: StepResult, hits: int = 0, before_s: float = 0.0,
-               started_s: float | None = None, reqs: list[Request] | None = None
-               ) -> list[RequestOutput]:
+    def update(self, plan: StepPlan, reqs: list[Request], result: StepResult, hits: int,
+               before_s: float, started_s: float) -> list[RequestOutput]:
         """Apply an engine step's result: advance positions, append tokens, check stops.
-        reqs: the request behind each row (default: the running request in the row's slot);
-        rows of requests that finished meanwhile are dropped. before_s: the round's host time
-        before the step was launched; started_s: perf_counter() when its tokens were read (the
-        host time of this update is added to the step's scheduler_s)."""
+        reqs: the request behind each row; rows of requests that finished meanwhile are
+        dropped. before_s: the round's host time before the step was launched; started_s:
+        perf_counter() when its tokens were read (the host time of this update is added to the
+        step's scheduler_s)."""
         sampled = iter(result.tokens)
         outputs: list[RequestOutput] = []
         now = self._clock()
         ttft: list[float] = []
         itl: list[float] = []
         prompt_tokens = generated = 0
-        if reqs is None:
-            by_slot = {req.slot: req for req in self._running}
-            reqs = [by_slot[w.slot] for w in plan.work]
         for w, req in zip(plan.work, reqs, strict=True):
             token = next(sampled) if w.sample else None
             if token is not None and token.slot != w.slot:
@@ -342,8 +337,7 @@ class Scheduler:
                 num_tokens=plan.num_tokens, cuda_graph=result.cuda_graph,
                 prompt_tokens=prompt_tokens, generated_tokens=generated, prefix_hit_tokens=hits,
                 ttft_s=tuple(ttft), inter_token_s=tuple(itl),
-                scheduler_s=before_s + (time.perf_counter() - started_s
-                                        if started_s is not None else 0.0),
+                scheduler_s=before_s + (time.perf_counter() - started_s),
             )
         )
         return outputs
