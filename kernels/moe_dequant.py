@@ -159,6 +159,14 @@ def _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, K, BLOCK_K: tl.conste
     else:
         codes = tl.load(cptr)
         sc = tl.load(sptr, mask=smask[:, None], other=0).to(tl.int32)
+    return _scaled_fast(codes, sc, BLOCK_K, EMULATE)
+
+
+def _scaled_fast(codes, sc, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """A k-step's codes [BN, G, 4t, 4a] u8 and exponents [BN, G] int32 → [BN, BLOCK_K] fp16
+    weights in _w_tile_fast's column order."""
+    G: tl.constexpr = BLOCK_K // 32
+    BN: tl.constexpr = codes.shape[0]
     lo, hi = _e2m1_x4(codes, EMULATE)
     v = tl.reshape(tl.join(lo, hi), (BN, G, 4, 2, 2, 2))  # [BN, G, t, a₁, a₀, h]
     v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # [BN, G, h, a₁, t, a₀]
@@ -201,5 +209,5 @@ def _l2_prefetch(W, S, w_row, s_row, stride_sg, k0, BLOCK_K: tl.constexpr,
                                   is_pure=False, pack=1)
 
 
-HELPERS = (_l2_prefetch, _fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _e2m1_x4, _w_tile_fast,
-           _a_tile_fast)
+HELPERS = (_l2_prefetch, _fp4_f32, _w_tile, _a_tile, _e2m1_x4_emulated, _e2m1_x4, _scaled_fast,
+           _w_tile_fast, _a_tile_fast)

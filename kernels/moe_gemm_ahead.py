@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from kernels.moe_dequant import _e2m1_x4
+from kernels.moe_dequant import _scaled_fast
 
 
 def _scales(S, s_row, smask, stride_sg, k0, ok, BLOCK_K: tl.constexpr):
@@ -38,11 +38,7 @@ def _w_tile_fast_sc(W, w_row, sc, k0, BLOCK_K: tl.constexpr, EMULATE: tl.constex
         off = (k0 // 2 + g * 16)[None, :, None, None] + (4 * q)[None, None, :, None] \
             + q[None, None, None, :]
         codes = tl.load(W + w_row[:, None, None, None] + off)  # [BN, G, 4t, 4a]
-    lo, hi = _e2m1_x4(codes, EMULATE)
-    v = tl.reshape(tl.join(lo, hi), (BN, G, 4, 2, 2, 2))  # [BN, G, t, a₁, a₀, h]
-    v = tl.reshape(tl.permute(v, (0, 1, 5, 3, 2, 4)), (BN, G, 32))  # [BN, G, h, a₁, t, a₀]
-    sc = ((tl.maximum(sc, 106) - 106) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(s−121)
-    return tl.reshape(v * sc[:, :, None], (BN, BLOCK_K))
+    return _scaled_fast(codes, sc, BLOCK_K, EMULATE)
 
 
 HELPERS = (_scales, _w_tile_fast_sc)

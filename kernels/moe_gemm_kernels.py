@@ -40,6 +40,7 @@ from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
     _e2m1_x4_emulated,
     _fp4_f32,
     _l2_prefetch,
+    _scaled_fast,
     _w_tile,
     _w_tile_fast,
 )
