@@ -51,14 +51,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--only", default="", help="run the plans whose name contains this")
     ap.add_argument("--kernels", type=int, default=0, help="print the N costliest GPU kernels")
+    ap.add_argument("--no-step-graphs", action="store_true",
+                    help="run the prompt-carrying steps eagerly (default: step graphs)")
     args = ap.parse_args()
     require_cuda()
     cfg = preset("20b").with_(num_hidden_layers=args.layers)
     weights = random_weights(cfg, seed=0, device=DEVICE, dtype=torch.bfloat16)
     engine = Engine(EngineConfig(device=DEVICE, dtype="bfloat16", max_slots=512,
-                                 max_context=2048, max_chunk_tokens=512, kernels="triton"),
+                                 max_context=2048, max_chunk_tokens=512, kernels="triton",
+                                 step_graphs=not args.no_step_graphs),
                     weights=weights)
     engine.warmup(2048)
+    print(f"step graphs: {sorted(engine.step_graphs.graphs) if engine.step_graphs else 'off'}")
     rows = []
     for name, plan in plans(random.Random(0)).items():
         if args.only not in name:

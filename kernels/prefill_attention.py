@@ -164,24 +164,26 @@ def prefill_tiles(
     return tiles
 
 
+def max_prefill_tiles(rows: int, seqs: int, block_t: int) -> int:
+    """The most tiles that `rows` query rows in at most `seqs` sequences can need: the size of a
+    fixed table for a CUDA graph, whose unused entries are empty tiles (0 rows: the program
+    reads no key and stores nothing)."""
+    return -(-rows // block_t) + min(rows, seqs)
+
+
 def prefill_block_t(nq: int, nkv: int) -> int:
     """Query tokens per tile: 128 query rows (tokens × the KV head's group of query heads)."""
     return max(1, 128 // triton.next_power_of_2(nq // nkv))
 
 
-def prefill_table(
-    cu_seqlens: list[int] | torch.Tensor, seq_slots: list[int] | torch.Tensor,
-    seq_start_pos: list[int] | torch.Tensor, rows: int, cache_slots: int, cap: int, window: int,
-    block_t: int, device: torch.device,
-) -> torch.Tensor:
-    """The tile table [tiles, 4] int32 on `device` for a packed batch of `rows` query rows,
-    after checking every sequence against the cache (capacity `cap`, `window`). It depends on
-    the batch and the layer kind only (cache_slots: the cache's slot rows, dummy included): a
-    model computes it once per step and layer kind and passes it to every layer's
-    prefill_attention (the host loops over the sequences once, not once per layer)."""
-    cu = [int(x) for x in cu_seqlens]
-    slots = [int(x) for x in seq_slots]
-    starts = [int(x) for x in seq_start_pos]
+def check_sequences(
+    cu_seqlens: list[int], seq_slots: list[int], seq_start_pos: list[int], rows: int,
+    cache_slots: int, cap: int, window: int,
+) -> None:
+    """Raises ValueError unless every sequence fits a cache of `cache_slots` slot rows (dummy
+    included) and capacity `cap` on a layer with `window` (0 = full): the checks behind a tile
+    table, for callers that build one table for several layer kinds (runtime/step_graphs.py)."""
+    cu, slots, starts = cu_seqlens, seq_slots, seq_start_pos
     if len(cu) != len(slots) + 1 or len(starts) != len(slots) or cu[0] != 0 or cu[-1] != rows:
         raise ValueError(
             f"prefill_attention: cu_seqlens must be [N+1] from 0 to {rows} with N = "
@@ -199,6 +201,22 @@ def prefill_table(
         if window > 0 and wraps and length + window - 1 > cap:
             raise ValueError(f"prefill_attention: a {length}-token chunk needs a ring of ≥ "
                              f"{length + window - 1} positions, the cache holds {cap}")
+
+
+def prefill_table(
+    cu_seqlens: list[int] | torch.Tensor, seq_slots: list[int] | torch.Tensor,
+    seq_start_pos: list[int] | torch.Tensor, rows: int, cache_slots: int, cap: int, window: int,
+    block_t: int, device: torch.device,
+) -> torch.Tensor:
+    """The tile table [tiles, 4] int32 on `device` for a packed batch of `rows` query rows,
+    after checking every sequence against the cache (capacity `cap`, `window`). It depends on
+    the batch and the layer kind only (cache_slots: the cache's slot rows, dummy included): a
+    model computes it once per step and layer kind and passes it to every layer's
+    prefill_attention (the host loops over the sequences once, not once per layer)."""
+    cu = [int(x) for x in cu_seqlens]
+    slots = [int(x) for x in seq_slots]
+    starts = [int(x) for x in seq_start_pos]
+    check_sequences(cu, slots, starts, rows, cache_slots, cap, window)
     tiles = prefill_tiles(cu, slots, starts, block_t)
     host = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 4)  # [tiles, 4]
     if device.type == "cuda":  # pinned: the copy overlaps whatever the GPU is still doing

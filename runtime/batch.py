@@ -26,6 +26,10 @@ class Batch:
     # What a backend derives from the batch once per step and reuses in every layer (e.g. the
     # prefill attention's tile table per layer kind), keyed by the backend.
     derived: dict[Any, Any] = field(default_factory=dict)
+    # A CUDA-graph step (runtime/step_graphs.py): the prefill kernel's tile table for every row,
+    # already checked against both cache kinds and padded with empty tiles to a fixed size;
+    # the Triton backend then runs all rows' attention through it and reads no host list.
+    tile_table: torch.Tensor | None = None  # [tiles, 4] int32
 
     @property
     def num_tokens(self) -> int:

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from kernels.sampling import sample_ref
-from runtime.batch import build_batch
+from runtime.batch import build_batch, to_device
 from runtime.config import ModelConfig
 from runtime.graphs import GraphRunner
 from runtime.kv_cache import CacheShape, KVCache
 from runtime.model import Model
 from runtime.model_weights import ModelWeights
 from runtime.sampler import PendingTokens, SampleFn, Sampler
+from runtime.step_graphs import StepGraphs
 from runtime.tokenizer import Tokenizer
 from runtime.types import (
     GREEDY,
@@ -48,6 +49,9 @@ class EngineConfig:
     max_context: int = 2048
     max_chunk_tokens: int = 512  # longest prefill chunk of one sequence in one step
     cuda_graphs: bool = True
+    # CUDA graphs also for prompt-carrying (mixed/prefill) steps of up to the warm-up's step
+    # tokens (runtime/step_graphs.py); needs cuda_graphs and the Triton kernels.
+    step_graphs: bool = True
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton"
     # CUDA: share of the GPU's memory the engine may hold (weights + KV cache + activations),
     # like vLLM's gpu_memory_utilization; max_slots is lowered to what fits.
@@ -135,6 +139,7 @@ class Engine:
         # [max_slots + 1]: the token each slot sampled last, for PREVIOUS_TOKEN rows
         self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.long, device=self.device)
         self.graphs: GraphRunner | None = None
+        self.step_graphs: StepGraphs | None = None  # built by warmup(), which knows the step size
         if self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = GraphRunner(self.model, self.sampler.sample_fn, self.max_slots,
                                       last_tokens=self.last_tokens)
@@ -241,6 +246,10 @@ class Engine:
         self.step(StepPlan((SeqWork(slot=0, token_ids=(0,), start_pos=2, sample=True),)))
         if self.graphs is not None and not self.graphs.graphs:
             self.graphs.capture()
+        if (self.graphs is not None and self.config.step_graphs and self.step_graphs is None
+                and self.model.ops.name == "triton"):
+            self.step_graphs = StepGraphs(self.model, self.max_slots, limit, self.last_tokens)
+            self.step_graphs.capture()
         log.info("warm-up: prefill sizes %s in %.1fs", sizes, time.perf_counter() - t0)
 
     def _junk_prefill(self, n: int) -> StepPlan:
@@ -293,19 +302,38 @@ class Engine:
             return InFlight(None, "decode", 0, False, t0)
         if self.graphs is not None and self.graphs.graphs and GraphRunner.can_run(plan.work):
             return InFlight(self.graphs.launch(plan.work), "decode", len(plan.work), True, t0)
+        kind = "decode" if plan.is_decode_only else "prefill"
+        sampling = [w for w in plan.work if w.sample]
+        if self.step_graphs is not None and self.step_graphs.can_run(plan.work):
+            hidden = self.step_graphs.run(plan.work)  # [T, H], final normed
+            if not sampling:
+                return InFlight(None, kind, hidden.shape[0], True, t0)
+            rows, slots = [], []
+            end = 0
+            for w in plan.work:
+                end += len(w.token_ids)
+                if w.sample:
+                    rows.append(end - 1)
+                    slots.append(w.slot)
+            logits = self.model.unembed(hidden[to_device(rows, torch.long, self.device)])
+            pending = self._sample(logits, sampling, to_device(slots, torch.long, self.device))
+            return InFlight(pending, kind, hidden.shape[0], True, t0)
         batch = build_batch(plan, self.device)
         if any(w.token_ids[0] == PREVIOUS_TOKEN for w in plan.work):
             tokens = batch.token_ids
             batch.token_ids = torch.where(tokens >= 0, tokens, self.last_tokens[batch.slot_ids])
         logits = self.model.forward(batch)  # [M, V]
-        sampling = [w for w in plan.work if w.sample]
         pending = None
         if sampling:
-            out = self.sampler.sample_device(logits, sampling)
-            self.last_tokens[batch.slot_ids[batch.logits_rows]] = out.tokens
-            pending = PendingTokens.of(out, sampling)
-        kind = "decode" if batch.decode_only else "prefill"
+            pending = self._sample(logits, sampling, batch.slot_ids[batch.logits_rows])
         return InFlight(pending, kind, batch.num_tokens, False, t0)
+
+    def _sample(self, logits: torch.Tensor, works: list[SeqWork], slots: torch.Tensor
+                ) -> PendingTokens:
+        """Sample rows [M, V] for `works` (on `slots` [M]); queue their copy to the host."""
+        out = self.sampler.sample_device(logits, works)
+        self.last_tokens[slots] = out.tokens
+        return PendingTokens.of(out, works)
 
     def collect(self, step: InFlight) -> StepResult:
         """Wait for a launched step's tokens."""

@@ -32,6 +32,12 @@ class Model:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns fp32 logits [M, V] for `batch.logits_rows`."""
+        return self.unembed(self.hidden(batch)[batch.logits_rows])
+
+    @torch.inference_mode()
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """The final normed hidden state of every row, [T, H]: everything but the unembedding
+        (row-wise from the last layer on, so selecting rows before or after the norm is the same)."""
         cfg, ops = self.config, self.ops
         x = self.w.embedding[batch.token_ids]  # [T, H]
         h, resid = ops.rmsnorm(x, self.w.layers[0].attn_norm, cfg.rms_norm_eps, None)
@@ -39,12 +45,14 @@ class Model:
             attn_out = self._attention(i, layer, h, batch)  # [T, H]
             h, resid = ops.rmsnorm(attn_out, layer.mlp_norm, cfg.rms_norm_eps, resid)
             mlp_out = ops.moe(h, layer, cfg)  # [T, H]
-            if i + 1 < len(self.w.layers):
-                nxt = self.w.layers[i + 1].attn_norm
-                h, resid = ops.rmsnorm(mlp_out, nxt, cfg.rms_norm_eps, resid)
-        rows = batch.logits_rows
-        h, _ = ops.rmsnorm(mlp_out[rows], self.w.norm, cfg.rms_norm_eps, resid[rows])
-        return torch.nn.functional.linear(h, self.w.unembedding).float()  # [M, V]
+            nxt = self.w.layers[i + 1].attn_norm if i + 1 < len(self.w.layers) else self.w.norm
+            h, resid = ops.rmsnorm(mlp_out, nxt, cfg.rms_norm_eps, resid)
+        return h
+
+    @torch.inference_mode()
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [M, V] of normed hidden rows [M, H]."""
+        return torch.nn.functional.linear(h, self.w.unembedding).float()
 
     def _attention(self, i: int, layer: LayerWeights, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         cfg = self.config

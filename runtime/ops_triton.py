@@ -57,7 +57,7 @@ class TritonOps:
         return rmsnorm(x, scale, eps, residual)
 
     def rope_cache_write(self, q, k, v, cos, sin, batch, k_cache, v_cache):  # noqa: ANN001, ANN201
-        if not batch.decode_only:
+        if not batch.decode_only and batch.tile_table is None:
             # The kernel does not order duplicate cache targets: a sequence's chunk must fit the
             # ring (the engine's max_chunk_tokens ≤ capacity guarantees it).
             if "longest" not in batch.derived:
@@ -74,6 +74,9 @@ class TritonOps:
         )
 
     def attention(self, q, k_cache, v_cache, batch, sinks, window, scale):  # noqa: ANN001, ANN201
+        if batch.tile_table is not None:  # a graph step: every row through the prefill kernel
+            return prefill_attention(q, k_cache, v_cache, [], [], [], sinks, window, scale,
+                                     table=batch.tile_table)
         if batch.decode_only:
             return decode_attention(
                 q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
     p.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
+    p.add_argument("--no-step-graphs", action="store_true",
+                   help="run prompt-carrying steps eagerly (decode steps stay CUDA graphs)")
     p.add_argument("--max-slots", type=int, default=8, help="requests running at once")
     p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--max-chunk-tokens", type=int, default=512, help="prefill chunk per request")
@@ -60,7 +62,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a ServerConfig
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         model=args.model, random_shape=args.random_shape, device=args.device, dtype=args.dtype, kernels=args.kernels,
-        cuda_graphs=not args.no_cuda_graphs, max_slots=args.max_slots,
+        cuda_graphs=not args.no_cuda_graphs, step_graphs=not args.no_step_graphs,
+        max_slots=args.max_slots,
         max_context=args.max_context, max_chunk_tokens=args.max_chunk_tokens,
         max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
         prefill_batch_tokens=args.prefill_batch_tokens,

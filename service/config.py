@@ -19,6 +19,7 @@ class ServerConfig:
     max_context: int = 2048
     max_chunk_tokens: int = 512
     cuda_graphs: bool = True
+    step_graphs: bool = True  # prompt-carrying steps as CUDA graphs too (runtime/step_graphs.py)
     kernels: str = "auto"
     warmup: bool = True
     # scheduling and limits

@@ -93,7 +93,9 @@ class Metrics:
             ("code",), registry=reg,
         )
         self.graph_replays = Counter(
-            PREFIX + "cuda_graph_replays_total", "Decode steps run as a CUDA graph replay.",
+            PREFIX + "cuda_graph_replays_total",
+            "Engine steps run as a CUDA graph replay (decode steps, and prompt-carrying steps "
+            "up to the step-graph size).",
             registry=reg,
         )
         self.prefix_hits = Counter(

@@ -48,7 +48,7 @@ def build_engine(config: ServerConfig):  # noqa: ANN201 - a runtime.engine.Engin
     engine = Engine(EngineConfig(
         model=config.model, device=config.device, dtype=config.dtype, max_slots=config.max_slots,
         max_context=config.max_context, max_chunk_tokens=config.max_chunk_tokens,
-        cuda_graphs=config.cuda_graphs, kernels=config.kernels,
+        cuda_graphs=config.cuda_graphs, step_graphs=config.step_graphs, kernels=config.kernels,
     ), weights=weights)
     if config.warmup:
         engine.warmup(config.max_step_tokens)

@@ -77,7 +77,8 @@ def test_triton_path_equals_the_torch_path_in_float32() -> None:
 
 def test_graph_replay_equals_eager_for_every_bucket() -> None:
     eager = engine("triton", graphs=False)
-    graphed = engine("triton", graphs=True)
+    # prompts eager in both (a step graph pads them: other MoE tiles, other bf16 roundings)
+    graphed = engine("triton", graphs=True, step_graphs=False)
     assert graphed.graphs is not None and graphed.graphs.graphs
     for bucket in graphed.graphs.buckets:
         n = bucket
@@ -95,6 +96,61 @@ def test_graph_replay_equals_eager_for_every_bucket() -> None:
         assert results[0] == results[1], f"bucket {bucket}: graph replay differs from eager"
 
 
+def mixed_step(rng, tokens: int, max_slots: int, chunk: int) -> list[SeqWork]:  # noqa: ANN001
+    """Decode rows on some slots, then prompt chunks on others, `tokens` in all."""
+    slots = rng.sample(range(max_slots), max_slots)
+    n_dec = min(rng.randrange(0, max_slots // 2), tokens - 1)
+    work = [SeqWork(s, (rng.randrange(250),), rng.randrange(1, 700), sample=True)
+            for s in slots[:n_dec]]
+    left = tokens - n_dec
+    for s in slots[n_dec:]:
+        n = min(left, chunk)
+        if n <= 0:
+            break
+        work.append(SeqWork(s, tuple(rng.randrange(250) for _ in range(n)),
+                            rng.randrange(0, 1024 - n), sample=rng.random() < 0.7))
+        left -= n
+    work[-1] = SeqWork(work[-1].slot, work[-1].token_ids, work[-1].start_pos, sample=True)
+    return work
+
+
+def test_step_graph_replay_equals_its_eager_pass_for_every_bucket() -> None:
+    import random
+
+    e = engine("triton", graphs=True)  # prompt-carrying steps of up to 256 tokens as graphs
+    sg = e.step_graphs
+    assert sg is not None and sorted(sg.graphs) == sg.buckets and sg.max_tokens == 256
+    rng = random.Random(0)
+    for b in sg.buckets:
+        works = mixed_step(rng, b - rng.randrange(0, min(b, 16)), e.max_slots, 200)
+        got = sg.run(works).clone()  # replay
+        sg.use_graphs = False
+        try:
+            want = sg.run(works).clone()  # the same padded pass, eagerly
+        finally:
+            sg.use_graphs = True
+        assert torch.equal(got, want), f"bucket {b}: step graph replay differs from eager"
+
+
+def test_step_graphs_give_the_eager_logits_in_float32() -> None:
+    import random
+
+    from runtime.batch import build_batch
+
+    e = engine("triton", graphs=True, dtype="float32")
+    assert e.step_graphs is not None and e.step_graphs.graphs
+    rng = random.Random(1)
+    for tokens in (3, 40, 129, 256):
+        plan = StepPlan(tuple(mixed_step(rng, tokens, e.max_slots, 200)))
+        batch = build_batch(plan, "cuda")
+        want = e.model.forward(batch)  # eager, then the graph on the same cache contents
+        got = e.model.unembed(e.step_graphs.run(plan.work)[batch.logits_rows])
+        err = ((got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1)).max().item()
+        assert err < 1e-3, f"{tokens} tokens: step graph logits differ by {err:.3g} relative"
+        res = e.step(plan)
+        assert res.cuda_graph and len(res.tokens) == sum(w.sample for w in plan.work)
+
+
 def test_overlapped_launches_equal_explicit_steps_on_graphs_and_eager() -> None:
     """PREVIOUS_TOKEN rows (decode graphs, and eager steps) read the token the slot's previous
     step sampled on the device, before the host has read it."""
@@ -106,6 +162,7 @@ def test_overlapped_launches_equal_explicit_steps_on_graphs_and_eager() -> None:
         assert overlapped == explicit, f"graphs={graphs}"
         if graphs:
             assert e.graphs is not None and e.graphs.replays > 0
+            assert e.step_graphs is not None and e.step_graphs.replays > 0
 
 
 def test_random_gpt_oss_20b_generates_through_the_whole_gpu_path() -> None:
