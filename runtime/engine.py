@@ -306,8 +306,9 @@ class Engine:
         sampling = [w for w in plan.work if w.sample]
         if self.step_graphs is not None and self.step_graphs.can_run(plan.work):
             hidden = self.step_graphs.run(plan.work)  # [T, H], final normed
+            graph = self.step_graphs.use_graphs
             if not sampling:
-                return InFlight(None, kind, hidden.shape[0], True, t0)
+                return InFlight(None, kind, hidden.shape[0], graph, t0)
             rows, slots = [], []
             end = 0
             for w in plan.work:
@@ -317,7 +318,7 @@ class Engine:
                     slots.append(w.slot)
             logits = self.model.unembed(hidden[to_device(rows, torch.long, self.device)])
             pending = self._sample(logits, sampling, to_device(slots, torch.long, self.device))
-            return InFlight(pending, kind, hidden.shape[0], True, t0)
+            return InFlight(pending, kind, hidden.shape[0], graph, t0)
         batch = build_batch(plan, self.device)
         if any(w.token_ids[0] == PREVIOUS_TOKEN for w in plan.work):
             tokens = batch.token_ids

@@ -168,8 +168,9 @@ class StepGraphs:
         table_host[:m, 3] = self.dummy_slot  # empty tiles: 0 rows on the dummy slot
         if tiles:
             table_host[: len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
-        self.ints[:, :b].copy_(ints_host[:, :b], non_blocking=True)
-        self.table[:m].copy_(table_host[:m], non_blocking=True)
+        # whole buffers (48 + 10 KB at 2048 tokens): contiguous, so truly asynchronous copies
+        self.ints.copy_(ints_host, non_blocking=True)
+        self.table.copy_(table_host, non_blocking=True)
         self._cu, self._seq_slots, self._starts = cu, seq_slots, starts
         return b
 
