@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_variants import DecodeVariant, launch_fused
 from kernels.jit import KernelSet
 from kernels.prefill_attention import attention_core_ref, cached_positions
 
@@ -172,9 +173,14 @@ def decode_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    config: DecodeVariant | None = None,
 ) -> torch.Tensor:
     """Triton decode_attention_ref. The cache must already hold positions 0 … positions[b] of each
-    row's slot (and positions[b] < C on full layers); neither is checked on the device."""
+    row's slot (and positions[b] < C on full layers); neither is checked on the device.
+
+    config: run the one-launch fused-merge kernel of decode_variants.py with that launch shape
+    (block_n / num_warps / num_stages above are then ignored; num_splits still overrides the
+    split count, capped at config.max_splits). See there: one stream at a time per device."""
     if q.dim() != 3:
         raise ValueError(f"decode_attention: q must be [B, nq, d], got {tuple(q.shape)}")
     bsz, nq, d = q.shape
@@ -207,6 +213,12 @@ def decode_attention(
     if bsz == 0:
         return out
     max_keys = min(cap, window) if window > 0 else cap
+    slot_ids, positions, sinks = slot_ids.contiguous(), positions.contiguous(), sinks.contiguous()
+    if config is not None:
+        splits = num_splits or config.splits(bsz, nkv, max_keys, _num_sms(q.device))
+        launch_fused(q, k_cache, v_cache, slot_ids, positions, sinks, window, scale, out, splits,
+                     config)
+        return out
     splits = num_splits or decode_splits(bsz, nkv, max_keys, block_n, q.device)
     splits = max(1, min(splits, MAX_SPLITS))
     splits_p = triton.next_power_of_2(splits)
@@ -217,7 +229,6 @@ def decode_attention(
         pacc = torch.empty((bsz, nq, splits_p, d), dtype=torch.float32, device=q.device)
     else:
         pm = pl = pacc = out  # unused
-    slot_ids, positions, sinks = slot_ids.contiguous(), positions.contiguous(), sinks.contiguous()
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
     jit["_decode_kernel"][(bsz, nkv, splits)](
         q, k_cache, v_cache, slot_ids, positions, sinks, out, pm, pl, pacc,
