@@ -1,6 +1,7 @@
 """Per-kernel micro-benchmarks at gpt-oss-20b shapes against each kernel's own roofline.
 
     python -m bench.kernels [--quick]
+    python -m bench.kernels --decode-variants [--variants a,b]   (bench/kernels_decode.py)
 
 Decode attention: bytes = the K and V rows each row reads (B × keys × nkv × d × 2 × 2 B) ÷ copy
 bandwidth; timed inside a CUDA graph (as in the decode step) with a cache allocated for 128k
@@ -16,6 +17,7 @@ import argparse
 import torch
 
 from bench.common import DEVICE, Peaks, cuda_time, graph_time, measure_peaks, record, require_cuda
+from bench.kernels_decode import bench_decode_variants
 from kernels.decode_attention import decode_attention
 from kernels.prefill_attention import prefill_attention
 from kernels.rmsnorm import rmsnorm
@@ -180,6 +182,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     parser.add_argument("--only", choices=["decode", "prefill", "small", "tune"], default=None)
     parser.add_argument("--tune", action="store_true", help="also sweep launch parameters")
+    parser.add_argument("--decode-variants", action="store_true",
+                        help="only: check and time the decode attention candidates")
+    parser.add_argument("--variants", default="", help="with --decode-variants: names, a,b,…")
     args = parser.parse_args()
     require_cuda()
     global CFG, NQ, NKV, D, BF16
@@ -191,6 +196,9 @@ def main() -> None:
     peaks = measure_peaks()
     print(f"peaks: copy {peaks.bandwidth / 1e12:.2f} TB/s, bf16 GEMM {peaks.gemm / 1e12:.0f} "
           f"TFLOP/s")
+    if args.decode_variants:
+        names = [n for n in args.variants.split(",") if n] or None
+        raise SystemExit(0 if bench_decode_variants(peaks, NQ, NKV, D, BF16, names) else 1)
     if args.only in (None, "decode"):
         bench_decode(peaks, sizes)
     if args.only in (None, "prefill"):
