@@ -1,7 +1,7 @@
 """The gpt-oss MoE layer on the GPU: router, routing, two MXFP4 grouped GEMMs and the combine.
 
     logits = x·Wgᵀ + bg                                   torch linear (cuBLAS), as in moe_ref
-    plan   = route(logits, k)                             kernels/moe_routing.py
+    plan   = route(logits, k)                             kernels/moe_routing_par.py
     act    = swiglu(x[token]·W1[e]ᵀ + b1[e])              kernels/moe_gemm.py, rows in expert order
     y      = (act·W2[e]ᵀ + b2[e]) · w                     same, scaled by the router weight
     out[t] = Σⱼ y[pos(t, j)]                              deterministic gather-reduce
@@ -36,6 +36,7 @@ from kernels.moe_gemv import GEMV_MAX_SCALE, moe_gemv
 from kernels.moe_ref import moe_ref
 from kernels.moe_router import fits, route_fused
 from kernels.moe_routing import RoutingPlan, route
+from kernels.moe_routing_par import route_par
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights
 
@@ -60,6 +61,7 @@ class MoEPrepared:
 
 
 FAST_MAX_SCALE = 136
+ROUTES = {"par": route_par, "seq": route}  # MoEConfig.routing → the routing launcher
 COUNTERS = 1024  # ≥ H / block_n of any config
 
 
@@ -124,7 +126,7 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     pdl = cfg.pdl
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast, pdl)
-    if cfg.fuse_combine and p.counters is not None:
+    if cfg.fuses_combine(x.shape[0]) and p.counters is not None:
         out = torch.empty_like(x)
         gemm2_scale(act, p.w2, p.s2, p.b2, plan, cfg.gemm2, fast, x.dtype, out, p.counters,
                     top_k, pdl)
@@ -160,7 +162,7 @@ def moe_forward(
         plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),
                            layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:])
     else:
-        plan = route(router_logits(x, layer), k, cfg.block_m, cfg.pdl)
+        plan = ROUTES[cfg.routing](router_logits(x, layer), k, cfg.block_m, cfg.pdl)
     return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit)
 
 

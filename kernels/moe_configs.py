@@ -30,10 +30,35 @@ class MoEConfig:
     # Small batches: per-(token, expert) GEMVs (kernels/moe_gemv.py) instead of the tile GEMMs
     # (which stay the fallback where the weights' scales are out of the GEMV's exact range).
     gemv: GemvConfig | None = None
+    # Routing kernels (same plan, bit for bit): "par" kernels/moe_routing_par.py (many small
+    # token blocks, two short launches), "seq" kernels/moe_routing.py (the one before: up to
+    # 256 tokens per program, ranked in serial steps). notes/moe.md "Router, routing, combine".
+    routing: str = "par"
+    # fuse_combine only up to this many tokens (None: at any size). Above it the combine is its
+    # own launch (same bits): the fused one runs in the last program of each N block, ⌈T/16⌉
+    # serial steps at the very end of GEMM 2 (notes/moe.md "Router, routing, combine").
+    fused_combine_max_tokens: int | None = 64
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"MoEConfig.block_m must be a power of two ≥ 16, got {self.block_m}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"MoEConfig.routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.fused_combine_max_tokens is not None and self.fused_combine_max_tokens < 0:
+            raise ValueError("MoEConfig.fused_combine_max_tokens must be ≥ 0 or None")
+
+    def fuses_combine(self, tokens: int) -> bool:
+        """Whether GEMM 2 sums the tokens' rows itself at this batch size."""
+        limit = self.fused_combine_max_tokens
+        return self.fuse_combine and (limit is None or tokens <= limit)
+
+
+ROUTINGS = ("par", "seq")
+
+
+def previous_routing(mc: MoEConfig) -> MoEConfig:
+    """mc with the routing and combine placement of before the "par" kernels (A/B runs)."""
+    return replace(mc, routing="seq", fused_combine_max_tokens=None)
 
 
 # Every tile moves ≥ 4 exponent bytes per thread per k-step (block_n · block_k/32 ≥ 4 · threads),
