@@ -186,20 +186,25 @@ class StepGraphs:
         return self.hidden[: sum(len(w.token_ids) for w in works)]
 
     # ---- start-up --------------------------------------------------------------------------------
+    def _filler(self, tokens: int) -> list[SeqWork]:
+        """A step of `tokens` tokens on the dummy slot for the eager pass before capture: chunks
+        no longer than the smallest cache, all from position 0 (they write the same keys)."""
+        most = min(cap for cap, _ in self.kinds)
+        return [SeqWork(self.dummy_slot, (0,) * min(most, tokens - a), 0, sample=False)
+                for a in range(0, tokens, most)]
+
     def capture(self) -> None:
         """Eager pass per bucket (compiles), then one graph per bucket, largest first."""
         if not self.use_graphs:
             return
         t0 = time.perf_counter()
         free0 = torch.cuda.mem_get_info(self.device)[0]
-        # each bucket's eager pass: one token on the dummy slot, the rest its padding
-        dummy = [SeqWork(slot=self.dummy_slot, token_ids=(0,), start_pos=0, sample=False)]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for b in self.buckets:
-                self._stage(dummy, b)
+                self._stage(self._filler(b), b)
                 self._body(b)
                 torch.cuda.current_stream(self.device).synchronize()  # staging sets reused
         torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -176,3 +176,13 @@ def test_engine_steps_through_the_step_pass_sample_what_eager_steps_sample() -> 
         if a.logprob is not None:
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
         assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
+
+
+def test_the_capture_filler_is_a_valid_step_of_every_bucket_size() -> None:
+    model = make_model(TorchOps())
+    graphs = StepGraphs(model, SLOTS, 60, torch.zeros(SLOTS + 1, dtype=torch.long),
+                        capture=False)
+    for b in graphs.buckets:  # chunks ≤ the 23-position ring; staging checks every sequence
+        works = graphs._filler(b)
+        assert sum(len(w.token_ids) for w in works) == b
+        assert graphs._stage(works, b) == b
