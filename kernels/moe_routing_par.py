@@ -186,7 +186,8 @@ class ParLaunch:
     nb_chunk: int
     block_i: int
     n_tiles: int
-    sizes: tuple[int, ...]  # int32 segments of the buffer (even ones are the fields)
+    sizes: tuple[int, ...]  # int32 segments of the buffer: the fields and pads to 16 bytes
+    at: tuple[int, ...]  # which segments are the fields
     topk_warps: int
     total: int
 
@@ -207,10 +208,12 @@ class ParLaunch:
                                                      _ELEMS // e_pad))
         fields = (t * top_k,) * 4 + (e,) + (n_tiles,) * 3 + (1, nblocks * e_pad)
         sizes: list[int] = []
+        at: list[int] = []
         for n in fields:  # each field 16-byte aligned: the kernels' pointer specialization
-            sizes += [n, -n % 4]
+            at.append(len(sizes))
+            sizes += [n] + ([-n % 4] if n % 4 else [])  # (a view per pad costs host time)
         return cls(e_pad, block_t, nblocks, chunk, nb_chunk, block_i, n_tiles, tuple(sizes),
-                   1 if block_t * e_pad <= 1024 else 4, sum(sizes))
+                   tuple(at), 1 if block_t * e_pad <= 1024 else 4, sum(sizes))
 
 
 _launch = functools.lru_cache(maxsize=1024)(ParLaunch.of)
@@ -228,7 +231,8 @@ def route_par(logits: torch.Tensor, top_k: int, block_m: int, pdl: bool = False)
         raise ValueError(f"route: block_m must be a power of two, got {block_m}")
     lc = _launch(t, e, top_k, block_m)
     buf = torch.empty(lc.total, dtype=torch.int32, device=logits.device)
-    w, ids, pos, srt, counts, te, ts, tn, num, hist = buf.split(lc.sizes)[::2]
+    seg = buf.split(lc.sizes)
+    w, ids, pos, srt, counts, te, ts, tn, num, hist = (seg[i] for i in lc.at)
     plan = RoutingPlan(
         weights=w.view(torch.float32).view(t, top_k), experts=ids.view(t, top_k), counts=counts,
         pos=pos, sorted_pair=srt, tile_expert=te, tile_start=ts, tile_end=tn, num_tiles=num,
