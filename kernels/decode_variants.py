@@ -1,8 +1,8 @@
 """Decode attention variants: one launch (fused merge) and launch shapes for long contexts.
 
-Opt-in through `decode_attention(..., config=DecodeVariant(...))`; without a config the kernels of
-decode_attention.py run unchanged. Same math and split layout as there (see its docstring); what
-differs:
+Chosen through `decode_attention(..., config=DecodeVariant(...))` (the runtime passes `SERVING`);
+without a config the two kernels of decode_attention.py run. Same math and split layout as there
+(see its docstring); what differs:
 
 - Fused merge: no second launch. Each split program with work writes its (m, ℓ, acc) partials,
   then increments an arrival counter of its (row, KV head) (acq_rel, GPU scope, after a barrier so
@@ -94,6 +94,12 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "fused_kv_s1": {"config": DecodeVariant(num_stages=1, programs_per_sm=4, min_blocks=2,
                                             kv_together=True)},
 }
+
+# What the runtime uses (runtime/ops_triton.py): fused merge, K/V loads one block ahead. Measured
+# on the H100 against the two-launch path (`bench.kernels --decode-variants`, 2026-12-06,
+# bench/results/kernels.jsonl), µs: B=1 at 1k/4k/32k 5.3/7.1/28.2 (was 6.5/8.5/38.8), window 128
+# 3.6 (5.0), B=8 4k 28.6 (36.2), B=32 94.8 (97.4), B=64 179.2 (179.8).
+SERVING = DecodeVariant(num_stages=3)
 
 _COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []  # graphs captured earlier may still point at these

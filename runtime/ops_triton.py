@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kernels.decode_attention import decode_attention
+from kernels.decode_variants import SERVING as DECODE_VARIANT
 from kernels.moe_ref import moe_ref
 from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
 from kernels.rmsnorm import rmsnorm
@@ -79,7 +80,8 @@ class TritonOps:
                                      table=batch.tile_table)
         if batch.decode_only:
             return decode_attention(
-                q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale
+                q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale,
+                config=DECODE_VARIANT,
             )
         d = batch.decode_rows
         seqs = self._prefill_inputs(batch, q, k_cache, window, d)
@@ -91,7 +93,8 @@ class TritonOps:
         # the chunks through the prefill kernel. Rows are the first d of the packed batch.
         out = torch.empty_like(q)  # [T, nq, d]
         out[:d] = decode_attention(
-            q[:d], k_cache, v_cache, batch.slot_ids[:d], batch.positions[:d], sinks, window, scale
+            q[:d], k_cache, v_cache, batch.slot_ids[:d], batch.positions[:d], sinks, window, scale,
+            config=DECODE_VARIANT,
         )
         if d < q.shape[0]:
             out[d:] = prefill_attention(q[d:], k_cache, v_cache, *seqs[:3], sinks, window, scale,
@@ -142,7 +145,7 @@ class TritonOps:
             slots = torch.full((max_rows,), k_cache.shape[0] - 1, device=dev, dtype=torch.long)
             for rows in range(1, max_rows + 1):
                 decode_attention(q[:rows], k_cache, v_cache, slots[:rows], positions[:rows],
-                                 layer.sinks, window, cfg.head_dim**-0.5)
+                                 layer.sinks, window, cfg.head_dim**-0.5, config=DECODE_VARIANT)
 
     def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
         if self._moe_forward is not None:
