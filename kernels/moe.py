@@ -32,7 +32,7 @@ from kernels.moe_configs import (
     choose_config,
 )
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
-from kernels.moe_gemv import GEMV_MAX_SCALE, moe_gemv
+from kernels.moe_gemv import GEMV_MAX_SCALE, moe_gemv, presplit_dtype
 from kernels.moe_ref import moe_ref
 from kernels.moe_router import fits, route_fused
 from kernels.moe_routing import RoutingPlan, route
@@ -117,12 +117,14 @@ def router_logits(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
 
 
 def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k: int,
-                cfg: MoEConfig, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
-    """The experts of a routed batch: x [T, H] → [T, H] (kernels/moe_ref.experts_ref)."""
+                cfg: MoEConfig, alpha: float = 1.702, limit: float = 7.0,
+                xs: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts of a routed batch: x [T, H] → [T, H] (kernels/moe_ref.experts_ref). xs: x
+    already pre-split for the GEMV path (route_fused's xs_out), or None."""
     p = prepared
     if cfg.gemv is not None and p.gemv_ok:
         return moe_gemv(x, plan.experts, plan.weights, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2,
-                        cfg.gemv, alpha, limit, counters=p.counters)
+                        cfg.gemv, alpha, limit, counters=p.counters, xs=xs)
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     pdl = cfg.pdl
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast, pdl)
@@ -158,12 +160,16 @@ def moe_forward(
     if not p.aligned:  # codes viewed at an odd offset: the same tiles, plain loads
         cfg = without_latency_options(cfg)
     x = x.contiguous()
+    xs = None
     if cfg.fused_router and p.counters is not None and fits(x.shape[0], k, config.num_experts):
+        xs_dtype = presplit_dtype(cfg.gemv, x.dtype) if cfg.gemv and p.gemv_ok else None
+        if xs_dtype is not None and x.shape[1] % 32 == 0:  # the router writes the GEMV's x
+            xs = torch.empty(x.shape, dtype=xs_dtype, device=x.device)
         plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),
-                           layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:])
+                           layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:], xs)
     else:
         plan = ROUTES[cfg.routing](router_logits(x, layer), k, cfg.block_m, cfg.pdl)
-    return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit)
+    return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit, xs)
 
 
 def without_latency_options(cfg: MoEConfig) -> MoEConfig:

@@ -304,6 +304,13 @@ def _deq(cfg: GemvConfig, dtype: torch.dtype) -> int:
     return deq
 
 
+def presplit_dtype(cfg: GemvConfig, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of the pre-split x that moe_gemv reads for activations of `dtype` (None: the
+    exact step reads x itself)."""
+    deq = _deq(cfg, dtype)
+    return {0: None, F32.value: torch.float32, F16.value: torch.float16}[deq]
+
+
 def _launch(tiles: GemvTiles, deq: int, device: torch.device) -> dict:
     pf = PF_ASYNC.value if tiles.async_copy else tiles.prefetch
     extra = {"PREFETCH": pf} if pf else {}  # today's launch otherwise
@@ -338,12 +345,15 @@ def moe_gemv(
     w2: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor,  # [E, H, I/2] u8, [E, H, I/32], [E, H]
     cfg: GemvConfig, alpha: float = 1.702, limit: float = 7.0,
     counters: torch.Tensor | None = None,  # [≥ H / block_n] int32 zeros (cfg.fuse_combine)
+    xs: torch.Tensor | None = None,  # [T, H] x already pre-split in the fast step's math dtype
 ) -> torch.Tensor:
     """The experts of a routed batch by GEMVs: → [T, H] in x's dtype (kernels/moe_ref.experts_ref).
     Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine; two with cfg.fuse_combine), grids
     fixed by (T, k, shapes). counters: the fused combine's arrival counters, left at zero (e.g.
     prepare_moe's; its last entry, the fused router's, is not used); None: a zeroed buffer per
-    device kept here (one stream at a time)."""
+    device kept here (one stream at a time). xs: presplit(x, math dtype) when the caller has it
+    already (the fused router writes it, kernels/moe_router.route_fused); ignored by the exact
+    step, which reads x itself."""
     t, h = x.shape
     top_k = experts.shape[1]
     n2, inter = w1.shape[1], w2.shape[2] * 2
@@ -366,7 +376,13 @@ def moe_gemv(
     wt = weights.contiguous().view(-1).float()
     deq = _deq(cfg, x.dtype)
     math_dtype = {0: x.dtype, F32.value: torch.float32, F16.value: torch.float16}[deq]
-    xs = x if deq == 0 else presplit(x, math_dtype)
+    if deq == 0:
+        xs = x
+    elif xs is None:
+        xs = presplit(x, math_dtype)
+    elif xs.shape != x.shape or xs.dtype != math_dtype or not xs.is_contiguous():
+        raise ValueError(f"moe_gemv: xs must be contiguous {math_dtype} {tuple(x.shape)}, got "
+                         f"{xs.dtype} {tuple(xs.shape)}")
     act = torch.empty(pairs, inter, dtype=math_dtype, device=x.device)
     a_in = act
     if deq == F16.value:  # codes read as int32 words, x and act as int64 (4 fp16 each)

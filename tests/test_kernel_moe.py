@@ -20,7 +20,7 @@ from kernels.moe import (
     prepare_moe,
     router_logits,
 )
-from kernels.moe_configs import DECODE_SA, MIDDLE_SA, PREFILL_SA
+from kernels.moe_configs import DECODE_SA, GEMV_FAST, MIDDLE_SA, PREFILL_SA
 from kernels.moe_gemm import GemmTiles
 from kernels.moe_ref import experts_ref, route_ref
 from kernels.moe_routing import route
@@ -53,6 +53,9 @@ def tiny(hidden: int, inter: int, experts: int, top_k: int) -> ModelConfig:
         (64, 64, 32, 4, 6, torch.float16, FUSED_ROUTER),
         (64, 64, 8, 2, 40, torch.float16, None),  # default: 16-byte code loads
         (64, 64, 4, 2, 40, torch.float16, None),  # default: L2 prefetch + 16-byte loads
+        # the decode default: the fused router also writes the GEMV's pre-split x
+        (64, 64, 32, 4, 1, torch.float32, GEMV_FAST),
+        (96, 64, 32, 4, 3, torch.float16, GEMV_FAST),
     ],
 )
 def test_moe_layer_matches_the_torch_reference(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.moe_gemv import presplit
 from kernels.moe_router import MAX_TOKENS, fits, route_fused
 from kernels.moe_routing import route
 
@@ -48,3 +49,27 @@ def test_only_decode_sized_batches_fit() -> None:
     x = torch.randn(MAX_TOKENS + 1, 32)
     with pytest.raises(ValueError, match="do not fit"):
         route_fused(x, torch.randn(8, 32), torch.randn(8), 2, 16, torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(("tokens", "hidden", "dtype"),
+                         [(1, 96, torch.float32), (3, 64, torch.float16), (5, 2880, torch.float32)])
+def test_fused_router_also_writes_x_pre_split_for_the_gemv(
+    tokens: int, hidden: int, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(hidden)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.float16)
+    w, b = torch.randn(32, hidden, generator=g).half(), torch.randn(32, generator=g).half()
+    xs = torch.full((tokens, hidden), float("nan"), dtype=dtype)  # every element must be written
+    got = route_fused(x, w, b, 4, 16, torch.zeros(1, dtype=torch.int32), xs_out=xs)
+    assert torch.equal(xs, presplit(x, dtype))
+    want = route_fused(x, w, b, 4, 16, torch.zeros(1, dtype=torch.int32))
+    assert torch.equal(got.experts, want.experts) and torch.equal(got.weights, want.weights)
+
+
+def test_fused_router_rejects_a_pre_split_buffer_that_does_not_fit() -> None:
+    x = torch.randn(2, 64)
+    args = (x, torch.randn(8, 64), torch.randn(8), 2, 16, torch.zeros(1, dtype=torch.int32))
+    for bad in (torch.empty(2, 32), torch.empty(2, 64, dtype=torch.bfloat16),
+                torch.empty(64, 2).t()):
+        with pytest.raises(ValueError, match="xs_out"):
+            route_fused(*args, xs_out=bad)
