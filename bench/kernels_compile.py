@@ -1,4 +1,4 @@
-"""Compile every attention/norm/rope/sampling kernel variant for an H100 (sm_90a) on the CPU.
+"""Compile every attention/norm/rope/sampling/dense-GEMV kernel variant for an H100 (sm_90a) on the CPU.
 
     python -m bench.kernels_compile [--sass DIR]
 
@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.decode_attention as dec
+import kernels.dense_gemv as gemv
 import kernels.prefill_attention as pre
 import kernels.rmsnorm as norm
 import kernels.rope as rope
@@ -110,6 +111,14 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
                 skc_s=4096 * 512, skc_c=512, skc_h=64, svc_s=4096 * 512, svc_c=512, svc_h=64,
                 so_t=4096, so_h=64, CAP=4096, qk_scale=0.18, WINDOW=c(window), G=c(8), G_P=c(8),
                 BLOCK_T=c(16), D=c(64), BLOCK_N=c(block_n), PRECISION=c(None)), warps, stages))
+    for gname, t in gemv.CANDIDATES.items():
+        for m_p in (1, 8):  # M is not specialized (an odd value stands in), the strides are
+            out.append((f"dense_gemv {gname} M={m_p}", gemv, "_dense_gemv_kernel", dict(
+                X=bf, W=bf, B=bf, Y=bf, M=3, N=5120, K=2880, stride_xm=2880, stride_wn=2880,
+                stride_ym=5120, M_P=c(16 if t.dot else m_p), BLOCK_N=c(t.block_n),
+                BLOCK_K=c(t.block_k), VEC=c(8), HAS_BIAS=c(True), EVEN_K=c(2880 % t.block_k == 0),
+                DOT=c(t.dot), PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None)),
+                t.num_warps, t.num_stages))
     v, nc = 201088, 99  # 2048-token chunks
     rows = dict(TEMP=f32, TOPK=i64, TOPP=f32, MINP=f32)
     out.append(("sample stats", samp.K, "_stats_kernel", dict(
