@@ -1,11 +1,15 @@
 """Decode throughput of the whole GPU path with random weights, beside its roofline.
 
-    python -m bench.decode --shape 20b [--no-cuda-graphs] [--profile]
+    python -m bench.decode --shape 20b [--no-cuda-graphs] [--profile] [--overlap]
 
 Single stream at contexts 1k, 4k, 32k, then a batch sweep 1 … max_slots at one context. A step
 is Engine.step on a decode-only plan (graph replay when graphs are on, the host's sampling sync
 included): tokens/s = batch ÷ step time. The KV cache is not prefilled: attention reads the same
 bytes whatever the cache holds. Roofline: bench/roofline.decode_bytes ÷ measured copy bandwidth.
+--overlap also times the steps as the server runs them (overlapped scheduling): step n+1 is
+launched before step n's tokens are read, its rows reading the slot's last token on the device
+(PREVIOUS_TOKEN), so the host's per-step work hides under the GPU's; recorded with
+"overlap": true.
 --profile prints the per-kernel CUDA time of a few eager steps (where the time goes).
 """
 
@@ -22,7 +26,7 @@ from bench.roofline import decode_bytes
 from runtime.config import preset
 from runtime.engine import Engine, EngineConfig
 from runtime.synthetic import random_weights
-from runtime.types import SeqWork, StepPlan
+from runtime.types import PREVIOUS_TOKEN, SeqWork, StepPlan
 
 
 def ints(text: str) -> list[int]:
@@ -33,6 +37,29 @@ def decode_plan(batch: int, context: int) -> StepPlan:
     """Each of `batch` slots feeds one token at position context − 1 (it attends `context` keys)."""
     return StepPlan(tuple(SeqWork(slot=i, token_ids=(1 + i,), start_pos=context - 1, sample=True)
                           for i in range(batch)))
+
+
+def ahead_plan(batch: int, context: int) -> StepPlan:
+    """decode_plan whose rows take the token their slot sampled in the step before."""
+    return StepPlan(tuple(SeqWork(slot=i, token_ids=(PREVIOUS_TOKEN,), start_pos=context - 1,
+                                  sample=True) for i in range(batch)))
+
+
+def time_overlapped(engine: Engine, batch: int, context: int, steps: int) -> float:
+    """Seconds per step when each step is launched before the previous one is collected."""
+    engine.step(decode_plan(batch, context))  # every slot has sampled a token
+    plan = ahead_plan(batch, context)
+    for _ in range(3):
+        engine.step(plan)
+    sync()
+    t0 = time.perf_counter()
+    inflight = engine.launch(plan)
+    for _ in range(steps - 1):
+        nxt = engine.launch(plan)
+        engine.collect(inflight)
+        inflight = nxt
+    engine.collect(inflight)
+    return (time.perf_counter() - t0) / steps
 
 
 def time_steps(engine: Engine, plan: StepPlan, steps: int) -> float:
@@ -84,6 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--no-cuda-graphs", dest="graphs", action="store_false")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also time launch-ahead steps, as the overlapped server runs them")
     args = parser.parse_args()
     require_cuda()
     peaks = measure_peaks()
@@ -93,13 +122,16 @@ def main() -> None:
     weights = random_weights(cfg, seed=0, device=DEVICE, dtype=torch.bfloat16)
 
     def run(engine: Engine, batch: int, context: int) -> None:
-        t = time_steps(engine, decode_plan(batch, context), args.steps)
         roof = batch * peaks.bandwidth / decode_bytes(cfg, batch, context)
-        print(f"decode  batch {batch:3d}  context {context:6d}  {t * 1e3:8.3f} ms/step  "
-              f"{batch / t:9.1f} tok/s  roofline {roof:9.1f} tok/s  ({batch / t / roof:5.1%})")
-        record("decode", {"bench": "decode", "shape": args.shape, "batch": batch,
-                          "context": context, "tok_s": batch / t, "roofline_tok_s": roof,
-                          "step_ms": t * 1e3, "cuda_graphs": args.graphs})
+        for overlap in (False, True) if args.overlap else (False,):
+            t = (time_overlapped(engine, batch, context, args.steps) if overlap
+                 else time_steps(engine, decode_plan(batch, context), args.steps))
+            print(f"decode  batch {batch:3d}  context {context:6d}  {t * 1e3:8.3f} ms/step  "
+                  f"{batch / t:9.1f} tok/s  roofline {roof:9.1f} tok/s  ({batch / t / roof:5.1%})"
+                  f"{'  overlapped' if overlap else ''}")
+            record("decode", {"bench": "decode", "shape": args.shape, "batch": batch,
+                              "context": context, "tok_s": batch / t, "roofline_tok_s": roof,
+                              "step_ms": t * 1e3, "cuda_graphs": args.graphs, "overlap": overlap})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)
     for context in args.contexts:
