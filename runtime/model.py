@@ -57,7 +57,7 @@ class Model:
     def _attention(self, i: int, layer: LayerWeights, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         cfg = self.config
         t = h.shape[0]
-        qkv = torch.nn.functional.linear(h, layer.qkv_weight, layer.qkv_bias)  # [T, (nq+2nkv)·d]
+        qkv = self.ops.linear(h, layer.qkv_weight, layer.qkv_bias)  # [T, (nq+2nkv)·d]
         q = qkv[:, : cfg.q_size].view(t, cfg.num_attention_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(t, cfg.num_key_value_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(t, cfg.num_key_value_heads, cfg.head_dim)
@@ -65,4 +65,4 @@ class Model:
         q = self.ops.rope_cache_write(q, k, v, self.cos, self.sin, batch, k_cache, v_cache)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
         o = self.ops.attention(q, k_cache, v_cache, batch, layer.sinks, window, self.scale)
-        return torch.nn.functional.linear(o.reshape(t, -1), layer.out_weight, layer.out_bias)
+        return self.ops.linear(o.reshape(t, -1), layer.out_weight, layer.out_bias)  # [T, H]

@@ -43,6 +43,10 @@ class Ops(Protocol):
 
     def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor: ...
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """x·wᵀ + b: the dense projections (attention qkv and out)."""
+        ...
+
 
 class TorchOps:
     name = "torch"
@@ -67,6 +71,9 @@ class TorchOps:
             q, k_cache, v_cache, batch.cu_seqlens, batch.seq_slots, batch.seq_start_pos,
             sinks, window, scale,
         )
+
+    def linear(self, x, w, b):  # noqa: ANN001, ANN201 - see Ops
+        return torch.nn.functional.linear(x, w, b)
 
     def moe(self, x, layer, config):  # noqa: ANN001, ANN201
         return moe_ref(

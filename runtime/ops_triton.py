@@ -10,6 +10,7 @@ when that module is importable, else the torch reference (which syncs: not graph
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from kernels.decode_attention import decode_attention
 from kernels.decode_variants import SERVING as DECODE_VARIANT
+from kernels.dense_gemv import MAX_ROWS, linear_small
 from kernels.moe_ref import moe_ref
 from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
 from kernels.rmsnorm import rmsnorm
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 # TritonOps.warm runs the MoE at every token count up to this (the configurations and routing
 # block sizes stop changing well below it), then at powers of two.
 SWEEP_TOKENS = 2048
+# The dense projections (qkv, out) of batches up to this many rows run the one-launch Triton GEMV
+# (kernels/dense_gemv.py) instead of cuBLAS; 0 turns it off. GPTOSS_DENSE_GEMV_ROWS overrides it.
+DENSE_GEMV_ROWS = 0
 
 
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
@@ -44,7 +49,12 @@ def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., An
 class TritonOps:
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, dense_gemv_rows: int | None = None) -> None:
+        if dense_gemv_rows is None:
+            dense_gemv_rows = int(os.environ.get("GPTOSS_DENSE_GEMV_ROWS", DENSE_GEMV_ROWS))
+        if not 0 <= dense_gemv_rows <= MAX_ROWS:
+            raise ValueError(f"dense_gemv_rows must be in 0…{MAX_ROWS}, got {dense_gemv_rows}")
+        self.dense_gemv_rows = dense_gemv_rows
         self._moe_forward, self._prepare_moe = _moe_backend()
         self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout
 
@@ -53,6 +63,11 @@ class TritonOps:
             return
         for layer in weights.layers:
             self._prepared[id(layer)] = self._prepare_moe(layer)
+
+    def linear(self, x, w, b):  # noqa: ANN001, ANN201 - see Ops
+        if 0 < x.shape[0] <= self.dense_gemv_rows and x.dtype == w.dtype:
+            return linear_small(x, w, b)
+        return torch.nn.functional.linear(x, w, b)
 
     def rmsnorm(self, x, scale, eps, residual):  # noqa: ANN001, ANN201 - see Ops
         return rmsnorm(x, scale, eps, residual)

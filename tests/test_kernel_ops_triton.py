@@ -50,8 +50,9 @@ def steps() -> list[StepPlan]:
     return plans
 
 
-def test_triton_ops_give_the_torch_logits() -> None:
-    ops = TritonOps()
+@pytest.mark.parametrize("dense_gemv_rows", [0, 8])  # qkv/out by cuBLAS, or ≤ 8 rows by Triton
+def test_triton_ops_give_the_torch_logits(dense_gemv_rows: int) -> None:
+    ops = TritonOps(dense_gemv_rows)
     ops._moe_forward = None  # the torch reference MoE
     torch_model, triton_model = make_model(TorchOps()), make_model(ops)
     for plan in steps():
@@ -69,3 +70,8 @@ def test_triton_ops_refuse_a_chunk_longer_than_the_ring() -> None:
     plan = StepPlan((SeqWork(0, tuple(range(30)), 0, sample=True),))  # ring holds 23
     with pytest.raises(ValueError, match="capacity"):
         model.forward(build_batch(plan, "cpu"))
+
+
+def test_dense_gemv_rows_outside_its_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="dense_gemv_rows"):
+        TritonOps(9)
