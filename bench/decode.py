@@ -138,6 +138,8 @@ def main() -> None:
         run(engine, 1, context)
     if args.profile:
         profile(engine, decode_plan(1, 4096 if engine.max_context >= 4096 else 1024))
+    if not args.batches:
+        return
     del engine
     gc.collect()  # the graphs' pool and the cache go before the next engine allocates
     torch.cuda.empty_cache()

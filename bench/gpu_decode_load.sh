@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU call for the decode path and the loaded server (a lease has few calls): GPU tests of the
+# kernels the decode step uses, the dense GEMV against cuBLAS, single-stream and batch-8 decode
+# with the dense GEMV on and off (overlapped steps too), then the server under load at high
+# concurrency. Each stage has a time limit; a table of what ran is printed last.
+#
+#   GPTOSS_COMMIT=$(git rev-parse --short HEAD) OUT=/tmp/s bash bench/gpu_decode_load.sh
+#   STAGES=tests,dense bash bench/gpu_decode_load.sh      # a subset
+#
+# Logs go to $WORK (default /tmp/gpu_decode_load), the load stage's files to $WORK/load
+# (bench/gpu_load.sh), and the results rows this run added to $WORK/new-<name>.jsonl; when $OUT
+# is set (the GPU runner, which returns at most 8 files) all of it is packed as $OUT/run.tgz.
+# Append the new-*.jsonl rows to bench/results/ to commit them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+export PYTHONUNBUFFERED=1
+WORK="${WORK:-/tmp/gpu_decode_load}"
+STAGES="${STAGES:-tests,dense,decode,decode_cublas,load}"
+mkdir -p "$WORK/load"
+declare -A BEFORE
+for f in bench/results/*.jsonl; do BEFORE[$f]=$(wc -l < "$f"); done
+STATUS=()
+
+stage() {  # name, time limit (s), command…
+  local name="$1" limit="$2" t0=$SECONDS
+  shift 2
+  [[ ",$STAGES," == *",$name,"* ]] || return 0
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  STATUS+=("$name rc=$rc $((SECONDS - t0))s")
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  pack
+}
+
+pack() {  # the rows this run appended, and everything packed for the runner (after each stage,
+  # so a call cut off by its time limit still returns what ran)
+  for f in bench/results/*.jsonl; do
+    tail -n "+$(( ${BEFORE[$f]:-0} + 1 ))" "$f" > "$WORK/new-$(basename "$f")"
+  done
+  printf '%s\n' "${STATUS[@]}" > "$WORK/status.txt"
+  [[ -n "${OUT:-}" ]] && tar czf "$OUT/run.tgz" -C "$WORK" .
+}
+
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+# GPU tests with the dense GEMV on, so the runtime's graph/eager/torch comparisons go through it.
+GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_moe.py \
+  -k "not 4096 and not 256"
+stage dense 60 $PY -m bench.dense_gemv --rows 1,2,8
+GPTOSS_DENSE_GEMV_ROWS=8 stage decode 120 $PY -m bench.decode --shape 20b --overlap \
+  --contexts 4096,32768 --batches 1,8 --batch-context 4096
+GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 60 $PY -m bench.decode --shape 20b --overlap \
+  --contexts 4096 --batches ""
+stage load 230 env SLOTS=512 LEVELS=256,512 REQUESTS=2048,3072 TIME_LIMIT=30 OUT="$WORK/load" \
+  COMMIT="${GPTOSS_COMMIT:-unknown}" bash bench/gpu_load.sh
+
+for f in decode decode_cublas; do
+  [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
+done
+[[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
+[[ -f "$WORK/tests.log" ]] && tail -n 3 "$WORK/tests.log"
+[[ -f "$WORK/load/bench.log" ]] && tail -n 14 "$WORK/load/bench.log"
+printf '%s\n' "${STATUS[@]}"
