@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
-STAGES="${STAGES:-tests,dense,decode,decode_cublas,load}"
+STAGES="${STAGES:-tests,dense,moe1,decode,load,decode_cublas}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
 for f in bench/results/*.jsonl; do BEFORE[$f]=$(wc -l < "$f"); done
@@ -49,17 +49,21 @@ GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprov
   tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_moe.py \
   -k "not 4096 and not 256"
 stage dense 60 $PY -m bench.dense_gemv --rows 1,2,8
+stage moe1 80 $PY -m bench.moe --shapes 20b --tokens 1 --sweep \
+  --only g3_n16k256,g3_n16k512,g3_n32k512,g3_n32k256w2,g3_n8k512w2
 GPTOSS_DENSE_GEMV_ROWS=8 stage decode 120 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
-GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 60 $PY -m bench.decode --shape 20b --overlap \
-  --contexts 4096 --batches ""
 stage load 230 env SLOTS=512 LEVELS=256,512 REQUESTS=2048,3072 TIME_LIMIT=30 OUT="$WORK/load" \
   COMMIT="${GPTOSS_COMMIT:-unknown}" bash bench/gpu_load.sh
+GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 60 $PY -m bench.decode --shape 20b --overlap \
+  --contexts 4096 --batches ""
 
 for f in decode decode_cublas; do
   [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
+[[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
+  && grep -h "sweep_us" "$WORK/new-moe.jsonl" | tail -n 1 | grep -o '"sweep_us": {[^}]*}'
 [[ -f "$WORK/tests.log" ]] && tail -n 3 "$WORK/tests.log"
 [[ -f "$WORK/load/bench.log" ]] && tail -n 14 "$WORK/load/bench.log"
 printf '%s\n' "${STATUS[@]}"

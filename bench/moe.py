@@ -208,7 +208,8 @@ def variant(mc: MoEConfig, routing: str) -> MoEConfig:
 
 def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: float,
               device: str, out: list[Path], compare_tk: bool = False,
-              routings: tuple[str, ...] = ("par",)) -> list[str]:
+              routings: tuple[str, ...] = ("par",), only: frozenset[str] = frozenset(),
+              ) -> list[str]:
     on = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if on == "cuda" else torch.float16  # the interpreter's bf16 dot is off
     if shape == "smoke":
@@ -230,7 +231,9 @@ def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: 
         configs = ({n: variant(default, r) for n, r in zip(report, routings, strict=True)}
                    if ab else {"default": default})
         if sweep:
-            configs |= candidates(t, cfg.experts_per_token, cfg.num_experts)
+            configs |= {n: c for n, c in candidates(t, cfg.experts_per_token,
+                                                     cfg.num_experts).items()
+                        if not only or n in only}
         want = reference(cfg, layers[0], x)
         want_fr = reference(cfg, layers[0], x, prepared[0].counters[-1:])
         results: dict[str, float] = {}
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default="20b,120b")
     ap.add_argument("--tokens", default="1,8,64,256,4096")
     ap.add_argument("--sweep", action="store_true", help="try every candidate tile config")
+    ap.add_argument("--only", default="", help="with --sweep: only these candidates, a,b,…")
     ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     ap.add_argument("--routing", default="par",
                     help=f"routings of the default config to time, comma-separated {ROUTINGS}; "
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
     for shape in args.shapes.split(","):
         lines += run_shape(shape, [int(t) for t in args.tokens.split(",")], args.sweep, bw,
-                           rate, device, out, args.triton_kernels, routings)
+                           rate, device, out, args.triton_kernels, routings,
+                           frozenset(n for n in args.only.split(",") if n))
     print("\n== MoE layer summary ==")
     print(header)
     print("\n".join(lines))

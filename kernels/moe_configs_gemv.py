@@ -33,3 +33,22 @@ GEMV2_CANDIDATES: dict[str, MoEConfig] = {
     # two register buffers instead (ptxas issues the look-ahead loads mid-math: partial overlap)
     "g2_n32k256f16p1c": _gemv_pf(32, 256, 2, "f16", 1, True),
 }
+
+
+def _fast(n: int, k: int, warps: int = 4) -> MoEConfig:
+    """GEMV_FAST (f32 step, fused router, GEMM 2 split in 2) with other program shapes."""
+    return _gemv_pf(n, k, 2, "f32", 0, False, warps=warps)
+
+
+# Wave shapes (issue 5, one 20b token). The graph timeline (notes/gpu-runs.md run 44) has GEMV 1
+# at 20.75 µs for 35 MB (57 % of the copy roofline): 720 programs of 32 rows × 11 k-steps at
+# 4 programs per SM (119 registers) are 1.36 waves, and a program alone is a serial chain of
+# ~11 load round trips, so the partial second wave costs about as much as the first. These trade
+# rows per program, steps per program and registers per program to fit one wave or shorten it.
+GEMV_WAVE_CANDIDATES: dict[str, MoEConfig] = {
+    "g3_n16k256": _fast(16, 256),  # 1440 programs, half the registers of the x/codes tiles
+    "g3_n16k512": _fast(16, 512),  # half the steps, the same bytes per step as today
+    "g3_n32k512": _fast(32, 512),  # half the steps, twice the bytes in flight per program
+    "g3_n32k256w2": _fast(32, 256, warps=2),  # today's tile on 2 warps: 2× programs per SM
+    "g3_n8k512w2": _fast(8, 512, warps=2),  # 2880 small programs
+}

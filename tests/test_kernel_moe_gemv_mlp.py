@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels.moe import MoEConfig, moe_forward, moe_forward_ref, prepare_moe
-from kernels.moe_configs_gemv import GEMV2_CANDIDATES
+from kernels.moe_configs_gemv import GEMV2_CANDIDATES, GEMV_WAVE_CANDIDATES
 from kernels.moe_gemv import GemvConfig, GemvTiles, moe_gemv
 from runtime.synthetic import random_layer
 from tests.test_kernel_moe_gemv import SMALL_GEMV, TOL, check, tiny
@@ -125,11 +125,11 @@ def test_gemv_tiles_check_the_latency_options() -> None:
     assert GemvTiles(32, 256) == GemvTiles(32, 256, prefetch=0, async_copy=False)  # defaults
 
 
-@pytest.mark.parametrize("name", sorted(GEMV2_CANDIDATES))
+@pytest.mark.parametrize("name", sorted(GEMV2_CANDIDATES) + sorted(GEMV_WAVE_CANDIDATES))
 def test_candidates_match_the_torch_reference(name: str) -> None:
     cfg = tiny(288, 64, 8, 2)  # K = 288: one whole k256 step and a partial one
     layer = random_layer(cfg, 0, seed=9, dtype=torch.float16)
     x = torch.randn(1, 288, generator=torch.Generator().manual_seed(9)).half()
-    mc = GEMV2_CANDIDATES[name]
+    mc = {**GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES}[name]
     got = moe_forward(x, layer, cfg, prepare_moe(layer), mc)
     torch.testing.assert_close(got, moe_forward_ref(x, layer, cfg), **TOL[torch.float16])
