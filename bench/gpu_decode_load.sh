@@ -6,6 +6,7 @@
 #
 #   GPTOSS_COMMIT=$(git rev-parse --short HEAD) OUT=/tmp/s bash bench/gpu_decode_load.sh
 #   STAGES=tests,dense bash bench/gpu_decode_load.sh      # a subset
+#   LOAD_LEVELS=512 LOAD_REQUESTS=3072 …                  # fewer load levels
 #
 # Logs go to $WORK (default /tmp/gpu_decode_load), the load stage's files to $WORK/load
 # (bench/gpu_load.sh), and the results rows this run added to $WORK/new-<name>.jsonl; when $OUT
@@ -53,7 +54,8 @@ stage moe1 90 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep \
   --only g3_n16k256,g3_n16k512,g3_n32k512,g3_n32k256w2,g3_n8k512w2
 GPTOSS_DENSE_GEMV_ROWS=8 stage decode 120 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
-stage load 230 env SLOTS=512 LEVELS=256,512 REQUESTS=2048,3072 TIME_LIMIT=30 OUT="$WORK/load" \
+stage load 230 env SLOTS=512 LEVELS="${LOAD_LEVELS:-256,512}" \
+  REQUESTS="${LOAD_REQUESTS:-2048,3072}" TIME_LIMIT=30 OUT="$WORK/load" \
   COMMIT="${GPTOSS_COMMIT:-unknown}" bash bench/gpu_load.sh
 GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 60 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096 --batches ""
