@@ -61,11 +61,13 @@ from kernels.moe_gemv_pipe import (  # noqa: F401 - the kernels call them
     _load,
     _math,
 )
+from kernels.moe_gemv_split import SPLIT_K1_MAX, _gemv1_part_kernel, _swiglu_sum_kernel
 
 jit = KernelSet(globals())
 for _helper in HELPERS + PIPE_HELPERS:
     jit(_helper)
-jit(do_not_specialize=("stride_ps", "n_pairs"))(_gemv2_fused_kernel)
+for _kernel in (_gemv2_fused_kernel, _gemv1_part_kernel, _swiglu_sum_kernel):
+    jit(do_not_specialize=("stride_ps", "n_pairs"))(_kernel)
 
 GEMV_MAX_SCALE = 240
 
@@ -154,6 +156,25 @@ def _row_offsets(rows, stride_wn, DEQ: tl.constexpr):
     return tl.multiple_of(rows.to(tl.int64) * stride_wn, 4 if DEQ == F16 else 16)
 
 
+@jit
+def _bias_swiglu_store(X, h, B, rows_c, ACT, cols, n_act, alpha, limit, DEQ: tl.constexpr):
+    """act[cols] = round_x(swiglu(round_x(h) + B[rows_c])) for h [2C] fp32, the sums of the
+    interleaved gate/linear rows rows_c (GEMM 1's tail, split or not). X: only its dtype, the
+    matmul's rounding as in the reference. ACT: this pair's row; pre-split for the fast steps."""
+    X_DTYPE: tl.constexpr = X.dtype.element_ty
+    C: tl.constexpr = h.shape[0] // 2
+    h = h.to(X_DTYPE).to(tl.float32) + tl.load(B + rows_c)
+    gate, lin = tl.split(tl.reshape(h, (C, 2)))
+    gate = tl.minimum(gate, limit)
+    lin = tl.minimum(tl.maximum(lin, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    pos = cols
+    if DEQ != 0:  # pre-split for GEMM 2's fast step: k = 32g + 2i + h at 32g + 16h + i
+        pos = cols // 32 * 32 + cols % 2 * 16 + cols % 32 // 2
+    act = act.to(X_DTYPE).to(ACT.dtype.element_ty)  # rounded as the oracle's act
+    tl.store(ACT + pos, act, mask=cols < n_act)
+
+
 @jit(do_not_specialize=("n_pairs",))
 def _gemv1_swiglu_kernel(
     X, XS, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
@@ -164,7 +185,6 @@ def _gemv1_swiglu_kernel(
     """One (pair, block of BLOCK_N interleaved gate/linear rows) → act[pair, BLOCK_N/2].
     XS is what is read: x itself (DEQ = 0) or its pre-split copy (per 32-group the evens, then
     the odds; fp32 or fp16) for the fast step, which also stores ACT pre-split. X: the dtype."""
-    X_DTYPE: tl.constexpr = X.dtype.element_ty  # the matmul's rounding, as in the reference
     pid = tl.program_id(0)
     pair = pid % n_pairs  # pairs fastest: pairs sharing an expert read its rows from L2
     nb = pid // n_pairs
@@ -174,17 +194,9 @@ def _gemv1_swiglu_kernel(
     h = _gemv_rows(XS, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,
                    _row_offsets(rows_c, stride_wn, DEQ), S + e * stride_se, rows_c * stride_sn,
                    stride_sg, 0, k_dim, k_dim, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
-    h = h.to(X_DTYPE).to(tl.float32) + tl.load(B + e * stride_be + rows_c)
-    gate, lin = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
-    gate = tl.minimum(gate, limit)
-    lin = tl.minimum(tl.maximum(lin, -limit), limit)
-    act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
     cols = nb * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    pos = cols
-    if DEQ != 0:  # pre-split for GEMM 2's fast step: k = 32g + 2i + h at 32g + 16h + i
-        pos = cols // 32 * 32 + cols % 2 * 16 + cols % 32 // 2
-    act = act.to(X_DTYPE).to(ACT.dtype.element_ty)  # rounded as the oracle's act
-    tl.store(ACT + pair.to(tl.int64) * stride_a + pos, act, mask=cols < n2 // 2)
+    _bias_swiglu_store(X, h, B + e * stride_be, rows_c, ACT + pair.to(tl.int64) * stride_a, cols,
+                       n2 // 2, alpha, limit, DEQ)
 
 
 @jit
@@ -290,6 +302,15 @@ class GemvConfig:
     # GEMM 2's last program per N block sums the block for every token (kernels/moe_gemv_pipe):
     # no combine launch, same bits. Uses moe_gemv's `counters` (zeros, left at zero).
     fuse_combine: bool = False
+    # GEMM 1's K over this many programs per row block, summed + swiglu in a second launch
+    # (kernels/moe_gemv_split.py): deterministic, other fp32 sums than 1 (today's one launch).
+    split_k1: int = 1
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.split_k1, int) or isinstance(self.split_k1, bool)
+                or not 1 <= self.split_k1 <= SPLIT_K1_MAX):
+            raise ValueError(f"GemvConfig.split_k1 must be an int in 1…{SPLIT_K1_MAX}, got "
+                             f"{self.split_k1!r}")
 
 
 _DEQ = {"exact": 0, "f32": F32.value, "f16": F16.value}
@@ -348,10 +369,10 @@ def moe_gemv(
     xs: torch.Tensor | None = None,  # [T, H] x already pre-split in the fast step's math dtype
 ) -> torch.Tensor:
     """The experts of a routed batch by GEMVs: → [T, H] in x's dtype (kernels/moe_ref.experts_ref).
-    Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine; two with cfg.fuse_combine), grids
-    fixed by (T, k, shapes). counters: the fused combine's arrival counters, left at zero (e.g.
-    prepare_moe's; its last entry, the fused router's, is not used); None: a zeroed buffer per
-    device kept here (one stream at a time). xs: presplit(x, math dtype) when the caller has it
+    Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine; two with cfg.fuse_combine, one
+    more with cfg.split_k1 > 1), grids fixed by (T, k, shapes). counters: the fused combine's
+    arrival counters, left at zero (e.g. prepare_moe's; its last entry, the fused router's, is
+    not used); None: a zeroed buffer per device kept here (one stream at a time). xs: presplit(x, math dtype) when the caller has it
     already (the fused router writes it, kernels/moe_router.route_fused); ignored by the exact
     step, which reads x itself."""
     t, h = x.shape
@@ -387,12 +408,8 @@ def moe_gemv(
     a_in = act
     if deq == F16.value:  # codes read as int32 words, x and act as int64 (4 fp16 each)
         w1, w2, xs, a_in = _words(w1), _words(w2), xs.view(torch.int64), act.view(torch.int64)
-    g1 = cfg.gemm1
-    jit["_gemv1_swiglu_kernel"][(pairs * triton.cdiv(n2, g1.block_n),)](
-        x, xs, xs.stride(0), w1, w1.stride(0), w1.stride(1), s1, s1.stride(0), s1.stride(1),
-        s1.stride(2), b1, b1.stride(0), ex, act, act.stride(0), n2, h, pairs, float(alpha),
-        float(limit), TOPK=top_k, **_launch(g1, deq, x.device),
-    )
+    gemv1_swiglu(x, xs, ex, w1, s1, b1, act, top_k, cfg.gemm1, deq, alpha, limit,
+                 split=cfg.split_k1 if cfg.split_k1 > 1 else None)
     g2 = cfg.gemm2
     split = g2.split_k
     k_per_split = triton.cdiv(inter // 32, split) * 32
@@ -420,6 +437,33 @@ def moe_gemv(
         TOPK=top_k, SPLIT_K=split, BLOCK_H=block_h, num_warps=1,
     )
     return out
+
+
+def gemv1_swiglu(
+    x: torch.Tensor, xs: torch.Tensor, ex: torch.Tensor,  # [T, H]; as read (moe_gemv); [T·k]
+    w1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor, act: torch.Tensor,  # act: [T·k, I]
+    top_k: int, tiles: GemvTiles, deq: int, alpha: float, limit: float, split: int | None,
+) -> None:
+    """GEMM 1 + bias + swiglu into act, as moe_gemv prepares the operands: one launch (split
+    None), or K split over `split` programs per row block then the sum + swiglu launch
+    (kernels/moe_gemv_split.py; split = 1 there gives the one launch's bits)."""
+    pairs, n2, h = act.shape[0], w1.shape[1], x.shape[1]
+    w_args = (w1, w1.stride(0), w1.stride(1), s1, s1.stride(0), s1.stride(1), s1.stride(2))
+    grid = pairs * triton.cdiv(n2, tiles.block_n)
+    if split is None:
+        jit["_gemv1_swiglu_kernel"][(grid,)](
+            x, xs, xs.stride(0), *w_args, b1, b1.stride(0), ex, act, act.stride(0), n2, h, pairs,
+            float(alpha), float(limit), TOPK=top_k, **_launch(tiles, deq, x.device))
+        return
+    part = torch.empty(split, pairs, n2, dtype=torch.float32, device=x.device)
+    jit["_gemv1_part_kernel"][(grid * split,)](
+        xs, xs.stride(0), *w_args, ex, part, part.stride(0), part.stride(1), n2, h, pairs,
+        triton.cdiv(h // 32, split) * 32, TOPK=top_k, SPLIT_K=split,
+        **_launch(tiles, deq, x.device))
+    block_c = min(256, triton.next_power_of_2(n2 // 2))  # 48 programs per 20b token
+    jit["_swiglu_sum_kernel"][(pairs * triton.cdiv(n2 // 2, block_c),)](
+        x, part, part.stride(0), part.stride(1), ex, b1, b1.stride(0), act, act.stride(0), n2,
+        pairs, float(alpha), float(limit), SPLIT_K=split, BLOCK_C=block_c, DEQ=deq, num_warps=4)
 
 
 _OWN_COUNTERS: dict[torch.device, torch.Tensor] = {}
