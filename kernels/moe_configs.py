@@ -176,12 +176,14 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
     if tokens * top_k <= 2 * GEMV_MAX_PAIRS:  # measured a little past the default cut-over
         from kernels.moe_configs_gemv import (  # loads ahead, fused combine; wave shapes
             GEMV2_CANDIDATES,
+            GEMV_SPLIT_CANDIDATES,
             GEMV_WAVE_CANDIDATES,
         )
 
         out.update(GEMV_CANDIDATES)
         out.update(GEMV2_CANDIDATES)
         out.update(GEMV_WAVE_CANDIDATES)
+        out.update(GEMV_SPLIT_CANDIDATES)
     if rows <= 32:
         out.update(DECODE_CANDIDATES)
     if rows >= 4:

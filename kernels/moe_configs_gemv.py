@@ -52,3 +52,20 @@ GEMV_WAVE_CANDIDATES: dict[str, MoEConfig] = {
     "g3_n32k256w2": _fast(32, 256, warps=2),  # today's tile on 2 warps: 2× programs per SM
     "g3_n8k512w2": _fast(8, 512, warps=2),  # 2880 small programs
 }
+
+
+def _split(n: int, k: int, split_k1: int) -> MoEConfig:
+    """_fast's shapes with GEMM 1's K split over split_k1 programs (kernels/moe_gemv_split.py)."""
+    mc = _fast(n, k)
+    return replace(mc, gemv=replace(mc.gemv, split_k1=split_k1))
+
+
+# Split-K for GEMM 1 (issue 5, one 20b token): if GEMV 1's 20.75 µs is the serial 11-step chain
+# of a 1.36-wave grid, chains of ~11/S steps over S× the programs let the tail wave end sooner;
+# the sum + swiglu launch (~100 KB of partials) costs ≈ 1–2 µs back. GEMM 2 as GEMV_FAST's.
+GEMV_SPLIT_CANDIDATES: dict[str, MoEConfig] = {
+    "g4_n32k256s2": _split(32, 256, 2),  # 1440 programs × 6 steps (5 whole + one of 5 groups)
+    "g4_n32k256s3": _split(32, 256, 3),  # 2160 × 4 (3 whole + one of 6 groups)
+    "g4_n32k256s4": _split(32, 256, 4),  # 2880 × 3 (2 whole + one of 7 groups, 5 at the end)
+    "g4_n32k512s2": _split(32, 512, 2),  # 1440 × 3 (2 whole + one of 13 groups), 8 KB a step
+}
