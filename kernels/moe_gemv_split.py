@@ -46,8 +46,8 @@ def _gemv1_part_kernel(
     e = tl.load(EXPERTS + pair).to(tl.int64)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, n2 - 1)
-    # Splits past K (S > K/32 groups) are empty ranges: k_lo clamped, so k_hi − k_lo is 0,
-    # never negative (the compiled and interpreted integer divisions round negatives apart).
+    # Splits past K (S > K/32 groups) get the empty range [K, K), not an inverted one that the
+    # step loops would skip only because integer division truncates toward zero.
     k_lo = tl.minimum(split * k_per_split, k_dim)
     k_hi = tl.minimum(k_lo + k_per_split, k_dim)
     y = _gemv_rows(XS, (pair // TOPK).to(tl.int64) * stride_x, W + e * stride_we,  # noqa: F821
