@@ -60,12 +60,21 @@ def _split(n: int, k: int, split_k1: int) -> MoEConfig:
     return replace(mc, gemv=replace(mc.gemv, split_k1=split_k1))
 
 
-# Split-K for GEMM 1 (issue 5, one 20b token): if GEMV 1's 20.75 µs is the serial 11-step chain
-# of a 1.36-wave grid, chains of ~11/S steps over S× the programs let the tail wave end sooner;
-# the sum + swiglu launch (~100 KB of partials) costs ≈ 1–2 µs back. GEMM 2 as GEMV_FAST's.
+# Split-K for GEMM 1 (issue 5, one 20b token; GEMV 1 20.75 µs, roofline ≈ 11.8). Offline sm_90a
+# (bench.moe_compile helpers): today's n32k256 f32 program has 61 registers, so 8 fit an SM
+# (1056 at once) and its 720 programs are ONE partial wave (the 4-per-SM figure, 119 registers,
+# is ncu run 16's, when GEMV 1 was the exact-step n16k512). What splitting changes is then the serial chain
+# (11.25 k-steps) and how many programs are in flight (5.5 per SM today, up to 8):
+# wave counts below at the split kernel's registers (61; n64: 78 → 6/SM; k512: 120 → 4/SM).
+# The sum + swiglu launch (~100 KB of partials) costs ≈ 1.5–2.5 µs back. GEMM 2 as GEMV_FAST's.
 GEMV_SPLIT_CANDIDATES: dict[str, MoEConfig] = {
-    "g4_n32k256s2": _split(32, 256, 2),  # 1440 programs × 6 steps (5 whole + one of 5 groups)
-    "g4_n32k256s3": _split(32, 256, 3),  # 2160 × 4 (3 whole + one of 6 groups)
-    "g4_n32k256s4": _split(32, 256, 4),  # 2880 × 3 (2 whole + one of 7 groups, 5 at the end)
-    "g4_n32k512s2": _split(32, 512, 2),  # 1440 × 3 (2 whole + one of 13 groups), 8 KB a step
+    # 1440 programs × 6 steps (5 whole + 5 groups): 1.36 waves, the control: ≈ today if the
+    # second wave's 6-step chain is what it costs
+    "g4_n32k256s2": _split(32, 256, 2),
+    # 2880 × 3 (2 whole + 7 groups; the last split 5): 2.73 waves of 3 steps at 8 per SM
+    "g4_n32k256s4": _split(32, 256, 4),
+    # 720 × 6 steps of 8 KB: one wave (792 slots), today's programs with half the chain
+    "g4_n64k256s2": _split(64, 256, 2),
+    # 1440 × 3 steps of 8 KB (2 whole + 13 groups) at 4 per SM: 2.73 waves
+    "g4_n32k512s2": _split(32, 512, 2),
 }

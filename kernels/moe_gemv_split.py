@@ -1,9 +1,10 @@
 """Split-K for GEMM 1 of the GEMV path (kernels/moe_gemv.py): `GemvConfig.split_k1 = S > 1`.
 
 At one token of gpt-oss-20b GEMM 1 is 4 pairs × 180 blocks of 32 rows = 720 programs, each a
-serial chain of ~11 k-steps (notes/moe.md "Session of 2026-12-06"): ≈ 1.36 waves at 4 programs
-per SM, so the partial second wave costs a whole chain. With K split over S programs per (pair,
-row block) the chains are ~11/S steps long and the grid is S× larger:
+serial chain of ~11 k-steps (notes/moe.md "Session of 2026-12-06"), ~5.5 per SM at once. With K
+split over S programs per (pair, row block) the chains are ~11/S steps long and the grid is S×
+larger, so more programs (bytes) are in flight per SM (wave counts: moe_configs_gemv's
+GEMV_SPLIT_CANDIDATES):
 
     part[s, p, rows] = x[t]·W1[e, rows, K_s]ᵀ                  fp32, no bias (S·pairs·2I)
     act[p] = round_x(swiglu(round_x(Σ_s part[s, p]) + b1[e]))   second launch, s = 0…S−1
