@@ -40,11 +40,11 @@ def _fast(n: int, k: int, warps: int = 4) -> MoEConfig:
     return _gemv_pf(n, k, 2, "f32", 0, False, warps=warps)
 
 
-# Wave shapes (issue 5, one 20b token). The graph timeline (notes/gpu-runs.md run 44) has GEMV 1
-# at 20.75 µs for 35 MB (57 % of the copy roofline): 720 programs of 32 rows × 11 k-steps at
-# 4 programs per SM (119 registers) are 1.36 waves, and a program alone is a serial chain of
-# ~11 load round trips, so the partial second wave costs about as much as the first. These trade
-# rows per program, steps per program and registers per program to fit one wave or shorten it.
+# Program shapes (issue 5, one 20b token). The graph timeline (notes/gpu-runs.md run 44) has
+# GEMV 1 at 20.75 µs for 35 MB (57 % of the copy roofline): 720 programs of 32 rows, each a
+# serial chain of ~11 k-steps of 4 KB (load, wait a round trip, math). At 61 registers (offline)
+# they are one partial wave (see the split candidates below), so the chain and the bytes in
+# flight per step are what these trade: rows, steps and warps per program.
 GEMV_WAVE_CANDIDATES: dict[str, MoEConfig] = {
     "g3_n16k256": _fast(16, 256),  # 1440 programs, half the registers of the x/codes tiles
     "g3_n16k512": _fast(16, 512),  # half the steps, the same bytes per step as today
