@@ -100,6 +100,9 @@ CANDIDATES: dict[str, dict[str, object]] = {
 # bench/results/kernels.jsonl), µs: B=1 at 1k/4k/32k 5.3/7.1/28.2 (was 6.5/8.5/38.8), window 128
 # 3.6 (5.0), B=8 4k 28.6 (36.2), B=32 94.8 (97.4), B=64 179.2 (179.8).
 SERVING = DecodeVariant(num_stages=3)
+# ...for batches up to this many rows (the largest measured); larger ones keep the two-launch
+# kernels, which the load runs at 256-512 streams were measured with (a single split each there).
+SERVING_MAX_ROWS = 64
 
 _COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []  # graphs captured earlier may still point at these

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kernels.decode_attention import decode_attention
-from kernels.decode_variants import SERVING as DECODE_VARIANT
+from kernels.decode_variants import SERVING, SERVING_MAX_ROWS, DecodeVariant
 from kernels.dense_gemv import MAX_ROWS, linear_small
 from kernels.moe_ref import moe_ref
 from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
@@ -44,6 +44,12 @@ def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., An
         log.warning("kernels.moe unavailable (%s): the MoE block runs the torch reference", exc)
         return None, None
     return getattr(moe, "moe_forward", None), getattr(moe, "prepare_moe", None)
+
+
+def _decode_variant(rows: int) -> DecodeVariant | None:
+    """The fused-merge decode attention up to the batch sizes it was measured at, the two-launch
+    kernels above (kernels/decode_variants.py)."""
+    return SERVING if rows <= SERVING_MAX_ROWS else None
 
 
 class TritonOps:
@@ -96,7 +102,7 @@ class TritonOps:
         if batch.decode_only:
             return decode_attention(
                 q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale,
-                config=DECODE_VARIANT,
+                config=_decode_variant(q.shape[0]),
             )
         d = batch.decode_rows
         seqs = self._prefill_inputs(batch, q, k_cache, window, d)
@@ -109,7 +115,7 @@ class TritonOps:
         out = torch.empty_like(q)  # [T, nq, d]
         out[:d] = decode_attention(
             q[:d], k_cache, v_cache, batch.slot_ids[:d], batch.positions[:d], sinks, window, scale,
-            config=DECODE_VARIANT,
+            config=_decode_variant(d),
         )
         if d < q.shape[0]:
             out[d:] = prefill_attention(q[d:], k_cache, v_cache, *seqs[:3], sinks, window, scale,
@@ -160,7 +166,8 @@ class TritonOps:
             slots = torch.full((max_rows,), k_cache.shape[0] - 1, device=dev, dtype=torch.long)
             for rows in range(1, max_rows + 1):
                 decode_attention(q[:rows], k_cache, v_cache, slots[:rows], positions[:rows],
-                                 layer.sinks, window, cfg.head_dim**-0.5, config=DECODE_VARIANT)
+                                 layer.sinks, window, cfg.head_dim**-0.5,
+                                 config=_decode_variant(rows))
 
     def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
         if self._moe_forward is not None:

@@ -75,3 +75,11 @@ def test_triton_ops_refuse_a_chunk_longer_than_the_ring() -> None:
 def test_dense_gemv_rows_outside_its_range_are_refused() -> None:
     with pytest.raises(ValueError, match="dense_gemv_rows"):
         TritonOps(9)
+
+
+def test_decode_attention_variant_follows_the_measured_batch_sizes() -> None:
+    from kernels.decode_variants import SERVING, SERVING_MAX_ROWS
+    from runtime.ops_triton import _decode_variant
+
+    assert _decode_variant(1) is SERVING and _decode_variant(SERVING_MAX_ROWS) is SERVING
+    assert _decode_variant(SERVING_MAX_ROWS + 1) is None  # the two-launch kernels
