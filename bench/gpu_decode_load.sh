@@ -50,8 +50,9 @@ GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprov
   tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_moe.py \
   -k "not 4096 and not 256"
 stage dense 60 $PY -m bench.dense_gemv --rows 1,2,8
+SPLITS=g4_n32k256s2,g4_n32k256s4,g4_n64k256s2,g4_n32k512s2  # kernels/moe_configs_gemv.py
 stage moe1 90 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep \
-  --only g3_n16k256,g3_n16k512,g3_n32k512,g3_n32k256w2,g3_n8k512w2
+  --only "g3_n16k256,g3_n16k512,g3_n32k512,g3_n32k256w2,g3_n8k512w2,$SPLITS"
 GPTOSS_DENSE_GEMV_ROWS=8 stage decode 120 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
 stage load 230 env SLOTS=512 LEVELS="${LOAD_LEVELS:-256,512}" \

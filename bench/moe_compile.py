@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             a = {key: v for key, v in a.items() if key not in ("LOGITS", "stride_l", "PDL")}
             t_pad = triton.next_power_of_2(t)
             a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", PART="*fp32",
-                     LOGITS="*bf16", H=HID, COUNTER="*i32", T_PAD=t_pad, E_BLK=router.E_BLOCK,
+                     LOGITS="*bf16", H=HID, COUNTER="*i32", XS="*fp32", stride_xs=HID,
+                     WRITE_XS=True, T_PAD=t_pad, E_BLK=router.E_BLOCK,
                      H_SPLIT=router.H_SPLIT,
                      BLOCK_H=min(triton.next_power_of_2(triton.cdiv(HID, router.H_SPLIT)),
                                  8192 // (t_pad * router.E_BLOCK)))
