@@ -39,6 +39,23 @@ class Peaks:
         return {"copy_TBps": self.bandwidth / 1e12, "gemm_TFLOPs": self.gemm / 1e12}
 
 
+def graph_call_us(fn: Callable[[int], object], calls: int, iters: int = 20) -> float:
+    """µs per call of fn(i), i = 0 … calls − 1, all captured into one CUDA graph (compiled and
+    warmed up on a side stream first), from `iters` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    return cuda_time(graph.replay, iters=iters, warmup=2) / calls * 1e6
+
+
 def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
     """Mean seconds per call of fn on the current stream (CUDA events, after a warm-up)."""
     for _ in range(warmup):

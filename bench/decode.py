@@ -131,7 +131,8 @@ def main() -> None:
                   f"{'  overlapped' if overlap else ''}")
             record("decode", {"bench": "decode", "shape": args.shape, "batch": batch,
                               "context": context, "tok_s": batch / t, "roofline_tok_s": roof,
-                              "step_ms": t * 1e3, "cuda_graphs": args.graphs, "overlap": overlap})
+                              "step_ms": t * 1e3, "cuda_graphs": args.graphs, "overlap": overlap,
+                              "dense_gemv_rows": getattr(engine.model.ops, "dense_gemv_rows", 0)})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)
     for context in args.contexts:

@@ -60,18 +60,7 @@ def per_call_us(fn: Callable[[int], object], calls: int) -> float:
         t0 = time.perf_counter()
         fn(0)
         return (time.perf_counter() - t0) * 1e6
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(calls):  # compiles and warms up outside the capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    return common.cuda_time(graph.replay, iters=10, warmup=2) / calls * 1e6
+    return common.graph_call_us(fn, calls, iters=10)
 
 
 def time_shape(

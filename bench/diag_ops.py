@@ -55,6 +55,12 @@ class BothOps:
         self.log.append(f"attention(w={window}, decode={batch.decode_only}) {rel(b, a):.1e}")
         return a
 
+    def linear(self, x, w, b):  # noqa: ANN001, ANN201
+        a = self.t.linear(x, w, b)
+        g = self.g.linear(x, w, b)
+        self.log.append(f"linear {tuple(w.shape)} M={x.shape[0]} {rel(g, a):.1e}")
+        return a
+
     def moe(self, x, layer, config):  # noqa: ANN001, ANN201
         a = self.t.moe(x, layer, config)
         b = self.g.moe(x, layer, config)

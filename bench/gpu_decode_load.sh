@@ -1,27 +1,41 @@
 #!/usr/bin/env bash
 # One GPU call for the decode path and the loaded server (a lease has few calls): GPU tests of the
-# kernels the decode step uses, the dense GEMV against cuBLAS, single-stream and batch-8 decode
-# with the dense GEMV on and off (overlapped steps too), then the server under load at high
-# concurrency. Each stage has a time limit; a table of what ran is printed last.
+# kernels the decode step uses, the dense GEMV against cuBLAS, the MoE GEMV candidates at one
+# token, single-stream decode with the dense GEMV on and off (overlapped steps too), then the
+# server under load. Each stage has a time limit (together ≤ 590 s: one runner command); a table
+# of what ran is printed last.
 #
-#   GPTOSS_COMMIT=$(git rev-parse --short HEAD) OUT=/tmp/s bash bench/gpu_decode_load.sh
-#   STAGES=tests,dense bash bench/gpu_decode_load.sh      # a subset
-#   LOAD_LEVELS=512 LOAD_REQUESTS=3072 …                  # fewer load levels
+#   GPTOSS_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_decode_load.sh
+#   STAGES=tests,dense …   LOAD_LEVELS=256,512 LOAD_REQUESTS=2048,3072 …   (a subset; levels)
 #
-# Logs go to $WORK (default /tmp/gpu_decode_load), the load stage's files to $WORK/load
-# (bench/gpu_load.sh), and the results rows this run added to $WORK/new-<name>.jsonl; when $OUT
-# is set (the GPU runner, which returns at most 8 files) all of it is packed as $OUT/run.tgz.
-# Append the new-*.jsonl rows to bench/results/ to commit them.
+# GPTOSS_COMMIT is required: the GPU machine's copy of the tree has no .git. Logs go to $WORK
+# (default /tmp/gpu_decode_load), the load stage's files to $WORK/load (bench/gpu_load.sh), the
+# result rows this run added to $WORK/new-<name>.jsonl; with $OUT set (the GPU runner returns at
+# most 8 files) everything is packed into $OUT/run.tgz after each stage, and bench.common.record
+# also appends its rows to $OUT/<name>.jsonl. Append the new-*.jsonl rows to bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+: "${GPTOSS_COMMIT:?set GPTOSS_COMMIT to the commit of the tree, the GPU machine has no .git}"
+export GPTOSS_COMMIT
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
-STAGES="${STAGES:-tests,dense,moe1,decode,load,decode_cublas}"
+STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
 for f in bench/results/*.jsonl; do BEFORE[$f]=$(wc -l < "$f"); done
 STATUS=()
+
+pack() {  # the rows this run appended, and everything packed for the runner (after each stage,
+  # so a call cut off by its time limit still returns what ran; .part then mv: never truncated)
+  for f in bench/results/*.jsonl; do
+    tail -n "+$(( ${BEFORE[$f]:-0} + 1 ))" "$f" > "$WORK/new-$(basename "$f")"
+  done
+  printf '%s\n' "${STATUS[@]}" > "$WORK/status.txt"
+  if [[ -n "${OUT:-}" ]]; then
+    tar czf "$OUT/run.tgz.part" -C "$WORK" . && mv "$OUT/run.tgz.part" "$OUT/run.tgz"
+  fi
+}
 
 stage() {  # name, time limit (s), command…
   local name="$1" limit="$2" t0=$SECONDS
@@ -35,38 +49,29 @@ stage() {  # name, time limit (s), command…
   pack
 }
 
-pack() {  # the rows this run appended, and everything packed for the runner (after each stage,
-  # so a call cut off by its time limit still returns what ran)
-  for f in bench/results/*.jsonl; do
-    tail -n "+$(( ${BEFORE[$f]:-0} + 1 ))" "$f" > "$WORK/new-$(basename "$f")"
-  done
-  printf '%s\n' "${STATUS[@]}" > "$WORK/status.txt"
-  [[ -n "${OUT:-}" ]] && tar czf "$OUT/run.tgz" -C "$WORK" .
-}
-
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 # GPU tests with the dense GEMV on, so the runtime's graph/eager/torch comparisons go through it.
-GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_moe.py \
+GPTOSS_DENSE_GEMV_ROWS=8 stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py
+stage tests_moe 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_moe.py \
   -k "not 4096 and not 256"
-stage dense 60 $PY -m bench.dense_gemv --rows 1,2,8
+stage dense 50 $PY -m bench.dense_gemv --rows 1,2,8
 SPLITS=g4_n32k256s2,g4_n32k256s4,g4_n64k256s2,g4_n32k512s2  # kernels/moe_configs_gemv.py
-stage moe1 90 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep \
+stage moe1 60 $PY -m bench.moe --shapes 20b --tokens 1 --sweep \
   --only "g3_n16k256,g3_n16k512,g3_n32k512,g3_n32k256w2,g3_n8k512w2,$SPLITS"
-GPTOSS_DENSE_GEMV_ROWS=8 stage decode 120 $PY -m bench.decode --shape 20b --overlap \
+GPTOSS_DENSE_GEMV_ROWS=8 stage decode 110 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
-stage load 230 env SLOTS=512 LEVELS="${LOAD_LEVELS:-256,512}" \
-  REQUESTS="${LOAD_REQUESTS:-2048,3072}" TIME_LIMIT=30 OUT="$WORK/load" \
-  COMMIT="${GPTOSS_COMMIT:-unknown}" bash bench/gpu_load.sh
-GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 60 $PY -m bench.decode --shape 20b --overlap \
+GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 50 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096 --batches ""
+stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
+  TIME_LIMIT=30 OUT="$WORK/load" COMMIT="$GPTOSS_COMMIT" bash bench/gpu_load.sh
 
 for f in decode decode_cublas; do
   [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
-  && grep -h "sweep_us" "$WORK/new-moe.jsonl" | tail -n 1 | grep -o '"sweep_us": {[^}]*}'
-[[ -f "$WORK/tests.log" ]] && tail -n 3 "$WORK/tests.log"
+  && grep -ho '"sweep_us": {[^}]*}' "$WORK/new-moe.jsonl"
+for f in tests tests_moe; do [[ -f "$WORK/$f.log" ]] && tail -n 3 "$WORK/$f.log"; done
 [[ -f "$WORK/load/bench.log" ]] && tail -n 14 "$WORK/load/bench.log"
 printf '%s\n' "${STATUS[@]}"

@@ -1,4 +1,5 @@
-"""Compile every attention/norm/rope/sampling/dense-GEMV kernel variant for an H100 (sm_90a) on the CPU.
+"""Compile every attention/norm/rope/sampling/dense-GEMV kernel variant for an H100 (sm_90a), on
+the CPU.
 
     python -m bench.kernels_compile [--sass DIR]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import commit, cuda_time, measure_peaks
+from bench.common import commit, cuda_time, graph_call_us, measure_peaks
 from kernels.moe import ROUTES, moe_experts, moe_forward, prepare_moe, router_logits
 from kernels.moe_configs import ROUTINGS, MoEConfig, candidates, choose_config, previous_routing
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
@@ -57,18 +57,7 @@ def elapsed_us(fn: Callable[[], object], iters: int) -> float:
 
 def graph_us(fn: Callable[[int], object], calls: int) -> float:
     """Time per call of fn(i) for i in 0…calls-1, captured into one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    return elapsed_us(graph.replay, 20) / calls
+    return graph_call_us(fn, calls)
 
 
 def timed(fn: Callable[[int], object], tokens: int) -> float:
@@ -356,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
         peaks = measure_peaks()
         bw, rate = peaks.bandwidth, peaks.gemm
         out = [RESULTS] + ([args.out] if args.out else [])
+    only = frozenset(n for n in args.only.split(",") if n)
+    if only and not args.sweep:
+        ap.error("--only picks sweep candidates: give --sweep too")
+    known = set(candidates(1, 4, 32)) | set(candidates(1, 4, 128)) | set(candidates(4096, 4, 32))
+    if only - known:
+        ap.error(f"--only: not candidates: {', '.join(sorted(only - known))}")
     print(f"{device}: copy {bw / 1e12:.2f} TB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
     header = (f"{'shape':>5} {'T':>5} {'us':>9} {'roof_us':>9} {'%roof':>7} {'TFLOP/s':>7} "
               f"{'hit':>4}  {'config':<10} stages (us, each alone)")
@@ -364,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in args.shapes.split(","):
         lines += run_shape(shape, [int(t) for t in args.tokens.split(",")], args.sweep, bw,
                            rate, device, out, args.triton_kernels, routings,
-                           frozenset(n for n in args.only.split(",") if n))
+                           only)
     print("\n== MoE layer summary ==")
     print(header)
     print("\n".join(lines))

@@ -63,8 +63,8 @@ def _split(n: int, k: int, split_k1: int) -> MoEConfig:
 # Split-K for GEMM 1 (issue 5, one 20b token; GEMV 1 20.75 µs, roofline ≈ 11.8). Offline sm_90a
 # (bench.moe_compile helpers): today's n32k256 f32 program has 61 registers, so 8 fit an SM
 # (1056 at once) and its 720 programs are ONE partial wave (the 4-per-SM figure, 119 registers,
-# is ncu run 16's, when GEMV 1 was the exact-step n16k512). What splitting changes is then the serial chain
-# (11.25 k-steps) and how many programs are in flight (5.5 per SM today, up to 8):
+# is ncu run 16's, when GEMV 1 was the exact-step n16k512). What splitting changes is then the
+# serial chain (11.25 k-steps) and how many programs are in flight (5.5 per SM today, up to 8):
 # wave counts below at the split kernel's registers (61; n64: 78 → 6/SM; k512: 120 → 4/SM).
 # The sum + swiglu launch (~100 KB of partials) costs ≈ 1.5–2.5 µs back. GEMM 2 as GEMV_FAST's.
 GEMV_SPLIT_CANDIDATES: dict[str, MoEConfig] = {

@@ -372,9 +372,9 @@ def moe_gemv(
     Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine; two with cfg.fuse_combine, one
     more with cfg.split_k1 > 1), grids fixed by (T, k, shapes). counters: the fused combine's
     arrival counters, left at zero (e.g. prepare_moe's; its last entry, the fused router's, is
-    not used); None: a zeroed buffer per device kept here (one stream at a time). xs: presplit(x, math dtype) when the caller has it
-    already (the fused router writes it, kernels/moe_router.route_fused); ignored by the exact
-    step, which reads x itself."""
+    not used); None: a zeroed buffer per device kept here (one stream at a time).
+    xs: presplit(x, math dtype) when the caller has it already (the fused router writes it,
+    kernels/moe_router.route_fused); ignored by the exact step, which reads x itself."""
     t, h = x.shape
     top_k = experts.shape[1]
     n2, inter = w1.shape[1], w2.shape[2] * 2

@@ -144,8 +144,10 @@ class TritonOps:
         the MoE (tile configuration and routing block sizes follow the token count) at every
         size up to SWEEP_TOKENS and powers of two beyond, and the decode attention of a mixed
         step (its split count follows the row count) for 1…max_rows rows on both layer kinds.
-        The batch-size arguments themselves are compiled unspecialized (kernels/jit.py), so
-        these are all the variants a step can need. The dummy cache slot is used."""
+        The batch-size arguments themselves are compiled unspecialized (kernels/jit.py). The
+        dense GEMV's variants (one per padded row count 1, 2, 4, 8) are not compiled here: the
+        engine's warm-up steps of 1, 2, 4, 8 tokens and its decode graph buckets compile them.
+        The dummy cache slot is used."""
         cfg = weights.config
         layer = weights.layers[0]
         dev, dt = caches[0][0].device, caches[0][0].dtype

@@ -11,7 +11,9 @@ import bench.dense_gemv as bench
 from kernels.dense_gemv import CANDIDATES
 
 
-def test_smoke_run_times_every_candidate(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+def test_smoke_run_times_every_candidate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(common, "DEVICE", "cpu")
     rows = bench.main(["--rows", "1,3"])
     assert [(r["shape"], r["m"]) for r in rows] == [("smoke", 1), ("smoke", 3)]

@@ -132,3 +132,12 @@ def test_split_k1_is_validated_and_off_by_default() -> None:
             GemvConfig(tiles, tiles, split_k1=bad)  # type: ignore[arg-type]
     assert GemvConfig(tiles, tiles).split_k1 == 1
     assert GEMV_FAST.gemv is not None and GEMV_FAST.gemv.split_k1 == 1
+
+
+@pytest.mark.parametrize("gemm1", [dict(prefetch=1), dict(async_copy=True)])
+def test_split_with_gemm1_look_ahead_loads(gemm1: dict) -> None:
+    """GEMM 1's look-ahead options (registers, cp.async) run through the split kernel too."""
+    cfg, layer, x = layer_and_x(288, 64, 3, torch.float16, seed=7)
+    base = split_cfg(2, dequant="f16", n=32, k=64)
+    gemv = GemvConfig(GemvTiles(32, 64, dequant="f16", **gemm1), base.gemm2, split_k1=2)
+    against_oracle(cfg, layer, x, MoEConfig(16, SMALL_GEMV.gemm1, SMALL_GEMV.gemm2, gemv=gemv))

@@ -83,3 +83,35 @@ def test_decode_attention_variant_follows_the_measured_batch_sizes() -> None:
 
     assert _decode_variant(1) is SERVING and _decode_variant(SERVING_MAX_ROWS) is SERVING
     assert _decode_variant(SERVING_MAX_ROWS + 1) is None  # the two-launch kernels
+
+
+@pytest.mark.parametrize("dense_gemv_rows", [0, 8])
+def test_decode_rows_and_small_projections_reach_the_chosen_kernels(
+    monkeypatch: pytest.MonkeyPatch, dense_gemv_rows: int
+) -> None:
+    import runtime.ops_triton as ot
+    from kernels.decode_variants import SERVING
+
+    configs, gemv_rows = [], []
+    decode_attention, linear_small = ot.decode_attention, ot.linear_small
+
+    def spy_decode(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        configs.append(kwargs.get("config"))
+        return decode_attention(*args, **kwargs)
+
+    def spy_linear(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        gemv_rows.append(x.shape[0])
+        return linear_small(x, *args, **kwargs)
+
+    monkeypatch.setattr(ot, "decode_attention", spy_decode)
+    monkeypatch.setattr(ot, "linear_small", spy_linear)
+    ops = TritonOps(dense_gemv_rows)
+    ops._moe_forward = None
+    model = make_model(ops)
+    for plan in steps()[:12]:  # prefill chunks, mixed steps, then decode-only steps
+        model.forward(build_batch(plan, "cpu"))
+    assert configs and all(c is SERVING for c in configs)  # ≤ 64 rows: the fused variant
+    if dense_gemv_rows:
+        assert gemv_rows and max(gemv_rows) <= dense_gemv_rows  # qkv and out of small batches
+    else:
+        assert gemv_rows == []
