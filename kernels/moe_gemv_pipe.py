@@ -15,7 +15,7 @@ the same values in the same order as the plain loop: bit-identical results.
 - `GemvConfig.fuse_combine`: GEMM 2's program that finishes an N block last (one arrival
   counter per block, reset by that program, so graph replays need no memset) sums the block
   for every token exactly as `_gemv_combine_kernel` does: same bits, one launch less.
-Plain functions, registered in moe_gemv's KernelSet (they run with its globals).
+Plain functions, registered in moe_gemv_kernels' KernelSet (they run with its globals).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _gemv2_fused_kernel(
 ):
     """moe_gemv._gemv2_kernel, then the last of the N block's n_pairs·SPLIT_K programs to arrive
     combines the block for every token into OUT (x's dtype) and resets the block's counter."""
-    nb, rows = _gemv2_part(  # noqa: F821 - moe_gemv's
+    nb, rows = _gemv2_part(  # noqa: F821 - moe_gemv_kernels'
         A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
         EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
         SPLIT_K, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)

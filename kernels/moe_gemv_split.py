@@ -22,7 +22,7 @@ folding the sum into GEMM 2 would change the fast steps' shared loads (moe_gemv_
 moe_gemv_pipe) and recompute each act value in all ~90 N-block programs. Worth it only if the
 extra launch shows up in the timeline.
 
-Plain functions, registered in moe_gemv's KernelSet (they run with its globals).
+Plain functions, registered in moe_gemv_kernels' KernelSet (they run with its globals).
 """
 
 from __future__ import annotations
@@ -75,5 +75,5 @@ def _swiglu_sum_kernel(
     for s in tl.static_range(1, SPLIT_K):
         h = h + tl.load(src + s * stride_ps)
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    _bias_swiglu_store(X, h, B + e * stride_be, rows_c,  # noqa: F821 - moe_gemv's
+    _bias_swiglu_store(X, h, B + e * stride_be, rows_c,  # noqa: F821 - moe_gemv_kernels'
                        ACT + pair.to(tl.int64) * stride_a, cols, n2 // 2, alpha, limit, DEQ)
