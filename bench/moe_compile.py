@@ -32,7 +32,7 @@ from kernels.moe_configs import (
     PREFILL_CANDIDATES,
     MoEConfig,
 )
-from kernels.moe_configs_gemv import GEMV2_CANDIDATES
+from kernels.moe_configs_gemv import GEMV2_CANDIDATES, GEMV_WAVE_CANDIDATES
 from kernels.moe_configs_latency import LATENCY_CANDIDATES
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global ROW_SCALES
     ROW_SCALES = args.row_scales
-    configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **DECODE_CANDIDATES, **PREFILL_CANDIDATES,
-               **LATENCY_CANDIDATES}
+    # (GEMV_SPLIT_CANDIDATES are not here: their GEMM 1 is kernels/moe_gemv_split.py's.)
+    configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES, **DECODE_CANDIDATES,
+               **PREFILL_CANDIDATES, **LATENCY_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():
