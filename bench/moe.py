@@ -55,16 +55,11 @@ def elapsed_us(fn: Callable[[], object], iters: int) -> float:
     return cuda_time(fn, iters=iters, warmup=0) * 1e6
 
 
-def graph_us(fn: Callable[[int], object], calls: int) -> float:
-    """Time per call of fn(i) for i in 0…calls-1, captured into one CUDA graph."""
-    return graph_call_us(fn, calls)
-
-
 def timed(fn: Callable[[int], object], tokens: int) -> float:
     if not torch.cuda.is_available():
         return elapsed_us(lambda: fn(0), 1)
     if tokens <= GRAPH_MAX_TOKENS:
-        return graph_us(fn, LAYERS * REPS)
+        return graph_call_us(fn, LAYERS * REPS)
     for i in range(LAYERS):
         fn(i)
     torch.cuda.synchronize()
@@ -103,7 +98,7 @@ def graph_or_once_us(fn: Callable[[int], object]) -> float:
     """GPU µs per call: 20 calls in one CUDA graph (on the CPU: one eager call, for --smoke)."""
     if not torch.cuda.is_available():
         return elapsed_us(lambda: fn(0), 1)
-    return graph_us(fn, LAYERS * REPS)
+    return graph_call_us(fn, LAYERS * REPS)
 
 
 def host_us(fn: Callable[[int], object], calls: int = LAYERS * REPS) -> float:

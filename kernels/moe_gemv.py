@@ -174,7 +174,7 @@ def moe_gemv(
     ex = experts.contiguous().view(-1).to(torch.int32)
     wt = weights.contiguous().view(-1).float()
     deq = _deq(cfg, x.dtype)
-    math_dtype = {0: x.dtype, F32.value: torch.float32, F16.value: torch.float16}[deq]
+    math_dtype = presplit_dtype(cfg, x.dtype) or x.dtype  # the fast steps' x and act dtype
     if deq == 0:
         xs = x
     elif xs is None:
