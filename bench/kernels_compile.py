@@ -116,9 +116,11 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
         for m_p in (1, 8):  # M is not specialized (an odd value stands in), the strides are
             out.append((f"dense_gemv {gname} M={m_p}", gemv, "_dense_gemv_kernel", dict(
                 X=bf, W=bf, B=bf, Y=bf, M=3, N=5120, K=2880, stride_xm=2880, stride_wn=2880,
-                stride_ym=5120, M_P=c(16 if t.dot else m_p), BLOCK_N=c(t.block_n),
+                stride_ym=5120, R=bf, SC=f32, S_OUT=bf, stride_rm=2880, stride_sm=2880, eps=0.0,
+                M_P=c(16 if t.dot else m_p), BLOCK_N=c(t.block_n),
                 BLOCK_K=c(t.block_k), VEC=c(8), HAS_BIAS=c(True), EVEN_K=c(2880 % t.block_k == 0),
-                DOT=c(t.dot), PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None)),
+                DOT=c(t.dot), PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None),
+                NORM=c(False), HAS_RES=c(False), BLOCK_ROW=c(1)),
                 t.num_warps, t.num_stages))
     v, nc = 201088, 99  # 2048-token chunks
     rows = dict(TEMP=f32, TOPK=i64, TOPP=f32, MINP=f32)

@@ -24,6 +24,11 @@ in a CUDA graph. M is not specialized (no recompile per batch size); the padded 
 (1, 2, 4, 8) is a compile-time constant, so four variants per shape and tile config. The row
 strides are specialized on purpose: knowing x's is a multiple of 8 elements is what lets x load in
 16-byte vectors (unspecialized, ptxas showed 255 registers and spills at M = 8).
+
+With a NormPrologue (kernels/norm_prologue.py; kernels/dense_gemv_norm.norm_linear_small) the
+kernel takes the un-normed delta and the residual stream instead of x: every program first computes
+the rows' inverse rms, then normalizes its x tiles as it loads them (program 0 writes the new
+residual). NORM is a compile-time flag: without it the kernel compiles to the code it had before.
 """
 
 from __future__ import annotations
@@ -36,8 +41,18 @@ import triton
 import triton.language as tl
 
 from kernels.jit import KernelSet
+from kernels.norm_prologue import (
+    NormPrologue,
+    _load_normed,
+    _norm_inv_rms,
+    _norm_tile,
+    normed_ref,
+    row_block,
+)
 
 jit = KernelSet(globals())
+for _helper in (_norm_inv_rms, _norm_tile, _load_normed):  # the norm prologue's pieces
+    jit(_helper)
 
 MAX_ROWS = 8
 DOT_MIN = 16  # tl.dot's smallest M, N and K on the GPU
@@ -142,43 +157,71 @@ def _fma_step(part, w, xv, M_P: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.cons
 @jit(do_not_specialize=("M",))
 def _dense_gemv_kernel(
     X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    R, SC, S_OUT, stride_rm, stride_sm, eps,  # the norm prologue's (NORM; else placeholders)
     M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+    BLOCK_ROW: tl.constexpr = 1,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     w_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # clamped: unmasked row loads
     m = tl.arange(0, M_P)  # [M_P]
     x_rows = tl.minimum(m, M - 1).to(tl.int64) * stride_xm
+    r_rows = tl.minimum(m, M - 1).to(tl.int64) * stride_rm
+    inv = tl.zeros([M_P], dtype=tl.float32)
+    if NORM:  # every row's inverse rms; program 0 also writes the new residual
+        inv = _norm_inv_rms(X, R, S_OUT, stride_xm, stride_rm, stride_sm, M, K, eps,
+                            tl.program_id(0) == 0, M_P, BLOCK_ROW, HAS_RES)
     if DOT:
         k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         w_ptr = W + w_rows[:, None] + k[None, :]  # [BLOCK_N, BLOCK_K]
         x_ptr = X + x_rows[None, :] + k[:, None]  # [BLOCK_K, M_P]: xᵀ
+        r_ptr = R + r_rows[None, :] + k[:, None]
         acc = tl.zeros([BLOCK_N, M_P], dtype=tl.float32)  # yᵀ
         for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + k < K
             if EVEN_K:
                 w = tl.load(w_ptr + k0)
                 xt = tl.load(x_ptr + k0)
             else:
-                k_ok = k0 + k < K
                 w = tl.load(w_ptr + k0, mask=k_ok[None, :], other=0.0)
                 xt = tl.load(x_ptr + k0, mask=k_ok[:, None], other=0.0)
+            if NORM:
+                sc = tl.load(SC + k0 + k, mask=k_ok, other=0.0)[:, None]
+                rt = xt
+                if HAS_RES:
+                    rt = tl.load(r_ptr + k0, mask=k_ok[:, None], other=0.0)
+                xt = _norm_tile(xt, rt, sc, inv[None, :], HAS_RES)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
         yt = acc
     else:
         k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         w_ptr = W + w_rows[:, None] + k[None, :]  # [BLOCK_N, BLOCK_K]
         x_ptr = X + x_rows[:, None] + k[None, :]  # [M_P, BLOCK_K]
+        r_ptr = R + r_rows[:, None] + k[None, :]
+        sc_ptr = SC + k[None, :]  # [1, BLOCK_K]
         part = tl.zeros([M_P, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)  # summed over VEC
         if PREFETCH:  # the next step's tiles load while this one's FMAs run
-            w, xv = _load_tiles(w_ptr, x_ptr, 0, k, K, EVEN_K)
+            if NORM:
+                w, xv = _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], 0, k, K, EVEN_K,
+                                     HAS_RES)
+            else:
+                w, xv = _load_tiles(w_ptr, x_ptr, 0, k, K, EVEN_K)
             for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
-                w_next, x_next = _load_tiles(w_ptr, x_ptr, k0, k, K, False)
+                if NORM:
+                    w_next, x_next = _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], k0,
+                                                  k, K, False, HAS_RES)
+                else:
+                    w_next, x_next = _load_tiles(w_ptr, x_ptr, k0, k, K, False)
                 part = _fma_step(part, w, xv, M_P, BLOCK_N, BLOCK_K // VEC, VEC)
                 w, xv = w_next, x_next
         else:
             for k0 in range(0, K, BLOCK_K):
-                w, xv = _load_tiles(w_ptr, x_ptr, k0, k, K, EVEN_K)
+                if NORM:
+                    w, xv = _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], k0, k, K,
+                                         EVEN_K, HAS_RES)
+                else:
+                    w, xv = _load_tiles(w_ptr, x_ptr, k0, k, K, EVEN_K)
                 part = _fma_step(part, w, xv, M_P, BLOCK_N, BLOCK_K // VEC, VEC)
         yt = tl.trans(tl.sum(part, axis=2))  # [BLOCK_N, M_P]
     if HAS_BIAS:
@@ -223,23 +266,34 @@ def linear_small(
     w: torch.Tensor,  # [N, K], unit column stride
     b: torch.Tensor | None = None,  # [N], any float dtype (added in fp32)
     tiles: GemvDenseTiles | None = None,
+    norm: NormPrologue | None = None,  # x is then the un-normed delta (kernels/norm_prologue)
 ) -> torch.Tensor:
-    """Triton linear_small_ref for decode batch sizes: [M, N] in x's dtype, one launch."""
+    """Triton linear_small_ref for decode batch sizes: [M, N] in x's dtype, one launch. With
+    norm, the projection of rmsnorm(x + norm.residual) instead, its new residual stream written
+    into norm.resid_out (kernels/dense_gemv_norm.norm_linear_small)."""
     _check(x, w, b)
+    if norm is not None:
+        norm.check(x, "linear_small")
     (m, k), n = x.shape, w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    if (m == 0 or n == 0 or k == 0) and norm is not None and norm.resid_out is not None:
+        norm.resid_out.copy_(normed_ref(x, norm)[1])  # degenerate shapes: still the add
     if m == 0 or n == 0:
         return y
     if k == 0:
         return y.copy_(b.expand(m, n) if b is not None else torch.zeros_like(y))
     t = tiles if tiles is not None else choose_tiles(m, n, k)
     m_p = max(DOT_MIN, triton.next_power_of_2(m)) if t.dot else triton.next_power_of_2(m)
+    normed = {}
+    if norm is not None:
+        normed = dict(NORM=True, HAS_RES=norm.residual is not None, BLOCK_ROW=row_block(k))
     jit["_dense_gemv_kernel"][(t.programs(n),)](
         x, w, b if b is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+        *(norm.launch_args(x) if norm is not None else (x, x, x, x.stride(0), x.stride(0), 0.0)),
         M_P=m_p, BLOCK_N=t.block_n, BLOCK_K=t.block_k, VEC=16 // x.element_size(),
         HAS_BIAS=b is not None, EVEN_K=k % t.block_k == 0, DOT=t.dot,
         PREFETCH=not t.dot and t.num_stages > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else None,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        num_warps=t.num_warps, num_stages=t.num_stages, **normed,
     )
     return y
