@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
             t_pad = triton.next_power_of_2(t)
             a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", PART="*fp32",
                      LOGITS="*bf16", H=HID, COUNTER="*i32", XS="*fp32", stride_xs=HID,
+                     R="*bf16", SC="*fp32", S_OUT="*bf16", Y_OUT="*bf16", stride_r=HID,
+                     stride_s=HID, stride_y=HID, eps=0.0, NORM=False, HAS_RES=False, BLOCK_ROW=1,
                      WRITE_XS=True, T_PAD=t_pad, E_BLK=router.E_BLOCK,
                      H_SPLIT=router.H_SPLIT,
                      BLOCK_H=min(triton.next_power_of_2(triton.cdiv(HID, router.H_SPLIT)),

@@ -6,7 +6,9 @@
     y      = (act·W2[e]ᵀ + b2[e]) · w                     same, scaled by the router weight
     out[t] = Σⱼ y[pos(t, j)]                              deterministic gather-reduce
 Same math as kernels/moe_ref.moe_ref (the oracle). Five launches, no host sync, sizes fixed by
-(T, k, E): the whole layer can be captured in a CUDA graph.
+(T, k, E): the whole layer can be captured in a CUDA graph. moe_forward_norm also takes the
+norm before the block (rmsnorm with its residual add), in the router's programs for decode
+batches (kernels/norm_prologue.py).
 
 Tile shapes depend on how many rows each expert gets: decode (a few tokens per expert) streams
 every hit expert's weights once, spread over many programs along N (SWAP_AB puts the weight rows
@@ -34,9 +36,11 @@ from kernels.moe_configs import (
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_gemv import GEMV_MAX_SCALE, moe_gemv, presplit_dtype
 from kernels.moe_ref import moe_ref
-from kernels.moe_router import fits, route_fused
+from kernels.moe_router import fits, norm_fits, route_fused
 from kernels.moe_routing import RoutingPlan, route
 from kernels.moe_routing_par import route_par
+from kernels.norm_prologue import norm_prologue
+from kernels.rmsnorm import rmsnorm
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights
 
@@ -145,31 +149,78 @@ def moe_forward(
     moe_config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """The MoE block's output [T, H] (before the residual add), in x's dtype."""
-    if x.dim() != 2 or x.shape[1] != config.hidden_size:
-        raise ValueError(f"moe_forward: x must be [T, {config.hidden_size}], got {tuple(x.shape)}")
-    if prepared is None:  # prepare at load instead: this copies the exponents on every call
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        prepared = prepare_moe(layer, check_scales=not capturing, relayout_layer=False)
-    p = prepared
+    p, cfg = _setup(x, layer, config, prepared, moe_config, "moe_forward")
     k = config.experts_per_token
-    cfg = moe_config or choose_config(x.shape[0], k, config.num_experts)
-    if cfg.gemv is None and cfg.block_m > 32 and x.dtype == torch.float32 and x.is_cuda:
-        # fp32 activations double the larger tiles' shared memory, past the H100's 227 KB for
-        # the k256 tiles (273 KB measured); the 32-row tiles were measured to fit.
-        cfg = TILES_32
-    if not p.aligned:  # codes viewed at an odd offset: the same tiles, plain loads
-        cfg = without_latency_options(cfg)
     x = x.contiguous()
     xs = None
     if cfg.fused_router and p.counters is not None and fits(x.shape[0], k, config.num_experts):
-        xs_dtype = presplit_dtype(cfg.gemv, x.dtype) if cfg.gemv and p.gemv_ok else None
-        if xs_dtype is not None and x.shape[1] % 32 == 0:  # the router writes the GEMV's x
-            xs = torch.empty(x.shape, dtype=xs_dtype, device=x.device)
+        xs = _xs_buffer(x, p, cfg)
         plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),
                            layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:], xs)
     else:
         plan = ROUTES[cfg.routing](router_logits(x, layer), k, cfg.block_m, cfg.pdl)
     return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit, xs)
+
+
+def moe_forward_norm(
+    delta: torch.Tensor,  # [T, H] the attention block's output (un-normed)
+    residual: torch.Tensor | None,  # [T, H] the residual stream so far; None: delta is it
+    scale: torch.Tensor,  # [H] fp32 the MLP norm's scale
+    eps: float,
+    layer: LayerWeights,
+    config: ModelConfig,
+    prepared: MoEPrepared | None = None,
+    moe_config: MoEConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.rmsnorm.rmsnorm(delta, scale, eps, residual) then moe_forward: (the MoE block's
+    output [T, H], the new residual stream [T, H]). Where the fused router takes the batch with
+    its norm prologue (decode: kernels/moe_router.norm_fits) the norm runs in the router's
+    programs, which also write the normed x for the experts (one launch fewer); otherwise the
+    standalone norm, then moe_forward. The same bits either way (interpreted; compiled, up to
+    the order of the norm's sum of squares, kernels/norm_prologue.py)."""
+    p, cfg = _setup(delta, layer, config, prepared, moe_config, "moe_forward_norm")
+    k = config.experts_per_token
+    t = delta.shape[0]
+    if not (cfg.fused_router and p.counters is not None and norm_fits(t, k, config.num_experts)):
+        x, new_residual = rmsnorm(delta, scale, eps, residual)
+        return moe_forward(x, layer, config, p, moe_config), new_residual
+    delta = delta.contiguous()
+    norm = norm_prologue(delta, residual, scale, eps)
+    x = torch.empty_like(delta)  # the normed activations, written by the router
+    xs = _xs_buffer(delta, p, cfg)
+    plan = route_fused(delta, layer.gate_weight.to(delta.dtype).contiguous(),
+                       layer.gate_bias.to(delta.dtype), k, cfg.block_m, p.counters[-1:], xs,
+                       norm=norm, y_out=x)
+    out = moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit, xs)
+    return out, norm.new_residual(delta)
+
+
+def _setup(x: torch.Tensor, layer: LayerWeights, config: ModelConfig,
+           prepared: MoEPrepared | None, moe_config: MoEConfig | None, who: str
+           ) -> tuple[MoEPrepared, MoEConfig]:
+    """The layer's prepared weights and the MoE config for x [T, H]."""
+    if x.dim() != 2 or x.shape[1] != config.hidden_size:
+        raise ValueError(f"{who}: x must be [T, {config.hidden_size}], got {tuple(x.shape)}")
+    if prepared is None:  # prepare at load instead: this copies the exponents on every call
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        prepared = prepare_moe(layer, check_scales=not capturing, relayout_layer=False)
+    cfg = moe_config or choose_config(x.shape[0], config.experts_per_token, config.num_experts)
+    if cfg.gemv is None and cfg.block_m > 32 and x.dtype == torch.float32 and x.is_cuda:
+        # fp32 activations double the larger tiles' shared memory, past the H100's 227 KB for
+        # the k256 tiles (273 KB measured); the 32-row tiles were measured to fit.
+        cfg = TILES_32
+    if not prepared.aligned:  # codes viewed at an odd offset: the same tiles, plain loads
+        cfg = without_latency_options(cfg)
+    return prepared, cfg
+
+
+def _xs_buffer(x: torch.Tensor, p: MoEPrepared, cfg: MoEConfig) -> torch.Tensor | None:
+    """The buffer the fused router writes the GEMV's pre-split x into, when the GEMV path reads
+    one (None: the experts read x itself)."""
+    xs_dtype = presplit_dtype(cfg.gemv, x.dtype) if cfg.gemv and p.gemv_ok else None
+    if xs_dtype is None or x.shape[1] % 32:
+        return None
+    return torch.empty(x.shape, dtype=xs_dtype, device=x.device)
 
 
 def without_latency_options(cfg: MoEConfig) -> MoEConfig:
@@ -188,5 +239,6 @@ def moe_forward_ref(x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -
 
 __all__ = ["DECODE", "DECODE_FEW", "DECODE_WIDE", "GEMV", "MIDDLE", "PREFILL", "PREFILL_PF",
            "MoEConfig", "MoEPrepared",
-           "choose_config", "groups_major", "moe_experts", "moe_forward", "moe_forward_ref",
+           "choose_config", "groups_major", "moe_experts", "moe_forward", "moe_forward_norm",
+           "moe_forward_ref",
            "prepare_moe", "router_logits"]
