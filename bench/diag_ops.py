@@ -1,6 +1,6 @@
 """Diagnostic: run the tiny model with every op computed by both backends, print each op's error.
 
-    python -m bench.diag_ops [--dtype bfloat16]
+    python -m bench.diag_ops [--dtype bfloat16]     (GPTOSS_FUSE_NORM=1: the fused norms' side)
 
 Each op runs TorchOps and TritonOps on the same inputs (caches cloned for the Triton side) and the
 torch result flows on, so the first op that disagrees stands out.
@@ -65,6 +65,19 @@ class BothOps:
         a = self.t.moe(x, layer, config)
         b = self.g.moe(x, layer, config)
         self.log.append(f"moe T={x.shape[0]} {rel(b, a):.1e}")
+        return a
+
+    def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201
+        a = self.t.norm_linear(x, residual, scale, eps, w, b)
+        g = self.g.norm_linear(x, residual, scale, eps, w, b)
+        self.log.append(f"norm_linear {tuple(w.shape)} M={x.shape[0]} {rel(g[0], a[0]):.1e} "
+                        f"resid {rel(g[1], a[1]):.1e}")
+        return a
+
+    def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201
+        a = self.t.norm_moe(x, residual, scale, eps, layer, config)
+        b = self.g.norm_moe(x, residual, scale, eps, layer, config)
+        self.log.append(f"norm_moe T={x.shape[0]} {rel(b[0], a[0]):.1e} resid {rel(b[1], a[1]):.1e}")
         return a
 
 

@@ -38,15 +38,17 @@ class Model:
     def hidden(self, batch: Batch) -> torch.Tensor:
         """The final normed hidden state of every row, [T, H]: everything but the unembedding
         (row-wise from the last layer on, so selecting rows before or after the norm is the same)."""
-        cfg, ops = self.config, self.ops
-        x = self.w.embedding[batch.token_ids]  # [T, H]
-        h, resid = ops.rmsnorm(x, self.w.layers[0].attn_norm, cfg.rms_norm_eps, None)
+        cfg, ops, eps = self.config, self.ops, self.config.rms_norm_eps
+        # The residual stream is resid + delta; each norm adds the two (the first layer's has
+        # no resid: the embedding is the stream) and is fused into the op after it when the
+        # backend can (Ops.norm_linear / norm_moe).
+        delta, resid = self.w.embedding[batch.token_ids], None  # [T, H]
         for i, layer in enumerate(self.w.layers):
-            attn_out = self._attention(i, layer, h, batch)  # [T, H]
-            h, resid = ops.rmsnorm(attn_out, layer.mlp_norm, cfg.rms_norm_eps, resid)
-            mlp_out = ops.moe(h, layer, cfg)  # [T, H]
-            nxt = self.w.layers[i + 1].attn_norm if i + 1 < len(self.w.layers) else self.w.norm
-            h, resid = ops.rmsnorm(mlp_out, nxt, cfg.rms_norm_eps, resid)
+            qkv, resid = ops.norm_linear(delta, resid, layer.attn_norm, eps, layer.qkv_weight,
+                                         layer.qkv_bias)  # [T, (nq+2nkv)·d]
+            attn_out = self._attention(i, layer, qkv, batch)  # [T, H]
+            delta, resid = ops.norm_moe(attn_out, resid, layer.mlp_norm, eps, layer, cfg)
+        h, _ = ops.rmsnorm(delta, self.w.norm, eps, resid)
         return h
 
     @torch.inference_mode()
@@ -54,10 +56,11 @@ class Model:
         """fp32 logits [M, V] of normed hidden rows [M, H]."""
         return torch.nn.functional.linear(h, self.w.unembedding).float()
 
-    def _attention(self, i: int, layer: LayerWeights, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, batch: Batch
+                   ) -> torch.Tensor:
+        """The attention block from its qkv projection [T, (nq+2nkv)·d] to its output [T, H]."""
         cfg = self.config
-        t = h.shape[0]
-        qkv = self.ops.linear(h, layer.qkv_weight, layer.qkv_bias)  # [T, (nq+2nkv)·d]
+        t = qkv.shape[0]
         q = qkv[:, : cfg.q_size].view(t, cfg.num_attention_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(t, cfg.num_key_value_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(t, cfg.num_key_value_heads, cfg.head_dim)

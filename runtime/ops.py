@@ -47,8 +47,36 @@ class Ops(Protocol):
         """x·wᵀ + b: the dense projections (attention qkv and out)."""
         ...
 
+    def norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor, eps: float,
+        w: torch.Tensor, b: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rmsnorm(x, scale, eps, residual) then linear: (projection, new residual stream). A
+        backend may fuse the two (kernels/dense_gemv_norm.py) with the same results."""
+        ...
 
-class TorchOps:
+    def norm_moe(
+        self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor, eps: float,
+        layer: LayerWeights, config: ModelConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rmsnorm(x, scale, eps, residual) then moe: (block output, new residual stream)."""
+        ...
+
+
+class NormThenOp:
+    """norm_linear / norm_moe as their definitions (the norm, then the op), for backends that
+    do not fuse them."""
+
+    def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
+        h, new_residual = self.rmsnorm(x, scale, eps, residual)
+        return self.linear(h, w, b), new_residual
+
+    def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201
+        h, new_residual = self.rmsnorm(x, scale, eps, residual)
+        return self.moe(h, layer, config), new_residual
+
+
+class TorchOps(NormThenOp):
     name = "torch"
 
     def prepare(self, weights: ModelWeights) -> None:

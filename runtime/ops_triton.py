@@ -19,12 +19,15 @@ import torch
 from kernels.decode_attention import decode_attention
 from kernels.decode_variants import SERVING, SERVING_MAX_ROWS, DecodeVariant
 from kernels.dense_gemv import MAX_ROWS, linear_small
+from kernels.dense_gemv_norm import norm_linear_small
 from kernels.moe_ref import moe_ref
+from kernels.norm_prologue import exact_scale
 from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_cache_write
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights, ModelWeights
+from runtime.ops import NormThenOp
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,12 @@ SWEEP_TOKENS = 2048
 # The dense projections (qkv, out) of batches up to this many rows run the one-launch Triton GEMV
 # (kernels/dense_gemv.py) instead of cuBLAS; 0 turns it off. GPTOSS_DENSE_GEMV_ROWS overrides it.
 DENSE_GEMV_ROWS = 0
+# The norms before qkv and before the MoE run in their consumers' prologues (norm_linear: the
+# dense GEMV, within DENSE_GEMV_ROWS; norm_moe: the fused router, kernels/moe_router.norm_fits)
+# for batches up to FUSE_NORM_ROWS rows, saving the standalone norm's launch. Off until timed on
+# the H100; GPTOSS_FUSE_NORM=1 turns it on, GPTOSS_FUSE_NORM_ROWS overrides the row limit.
+FUSE_NORM = False
+FUSE_NORM_ROWS = MAX_ROWS
 
 
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
@@ -46,25 +55,60 @@ def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., An
     return getattr(moe, "moe_forward", None), getattr(moe, "prepare_moe", None)
 
 
+def _moe_norm_backend() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    try:
+        from kernels import moe
+    except ImportError:
+        return None
+    return getattr(moe, "moe_forward_norm", None)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "on", "yes"):
+        return True
+    if value.lower() in ("0", "false", "off", "no", ""):
+        return False
+    raise ValueError(f"{name} must be 1/0 (true/false, on/off), got {value!r}")
+
+
 def _decode_variant(rows: int) -> DecodeVariant | None:
     """The fused-merge decode attention up to the batch sizes it was measured at, the two-launch
     kernels above (kernels/decode_variants.py)."""
     return SERVING if rows <= SERVING_MAX_ROWS else None
 
 
-class TritonOps:
+class TritonOps(NormThenOp):
     name = "triton"
 
-    def __init__(self, dense_gemv_rows: int | None = None) -> None:
+    def __init__(self, dense_gemv_rows: int | None = None, fuse_norm: bool | None = None,
+                 fuse_norm_rows: int | None = None) -> None:
         if dense_gemv_rows is None:
             dense_gemv_rows = int(os.environ.get("GPTOSS_DENSE_GEMV_ROWS", DENSE_GEMV_ROWS))
         if not 0 <= dense_gemv_rows <= MAX_ROWS:
             raise ValueError(f"dense_gemv_rows must be in 0…{MAX_ROWS}, got {dense_gemv_rows}")
+        if fuse_norm is None:
+            fuse_norm = _env_flag("GPTOSS_FUSE_NORM", FUSE_NORM)
+        if fuse_norm_rows is None:
+            fuse_norm_rows = int(os.environ.get("GPTOSS_FUSE_NORM_ROWS", FUSE_NORM_ROWS))
+        if fuse_norm_rows < 0:
+            raise ValueError(f"fuse_norm_rows must be ≥ 0, got {fuse_norm_rows}")
         self.dense_gemv_rows = dense_gemv_rows
+        self.fuse_norm, self.fuse_norm_rows = bool(fuse_norm), fuse_norm_rows
         self._moe_forward, self._prepare_moe = _moe_backend()
+        self._moe_forward_norm = _moe_norm_backend()
         self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout
+        # id(fp32 norm scale) → an exact copy in the activation dtype, for norm_linear's kernel
+        self._scales: dict[int, torch.Tensor] = {}
 
     def prepare(self, weights: ModelWeights) -> None:
+        if self.fuse_norm:
+            for layer in weights.layers:
+                narrow = exact_scale(layer.attn_norm, weights.embedding.dtype)
+                if narrow is not None:
+                    self._scales[id(layer.attn_norm)] = narrow
         if self._prepare_moe is None:
             return
         for layer in weights.layers:
@@ -77,6 +121,23 @@ class TritonOps:
 
     def rmsnorm(self, x, scale, eps, residual):  # noqa: ANN001, ANN201 - see Ops
         return rmsnorm(x, scale, eps, residual)
+
+    def _fuses_norm(self, rows: int) -> bool:
+        return self.fuse_norm and 0 < rows <= self.fuse_norm_rows
+
+    def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
+        m = x.shape[0]
+        if self._fuses_norm(m) and m <= self.dense_gemv_rows and x.dtype == w.dtype:
+            return norm_linear_small(x, residual, self._scales.get(id(scale), scale), eps, w, b)
+        return super().norm_linear(x, residual, scale, eps, w, b)
+
+    def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201 - see Ops
+        if (self._fuses_norm(x.shape[0]) and self._moe_forward is not None
+                and self._moe_forward_norm is not None):
+            # fused in the router's programs where that takes the batch, else the same two steps
+            return self._moe_forward_norm(x, residual, scale, eps, layer, config,
+                                          self._prepared.get(id(layer)))
+        return super().norm_moe(x, residual, scale, eps, layer, config)
 
     def rope_cache_write(self, q, k, v, cos, sin, batch, k_cache, v_cache):  # noqa: ANN001, ANN201
         if not batch.decode_only and batch.tile_table is None:
@@ -142,10 +203,12 @@ class TritonOps:
              max_tokens: int, max_rows: int) -> None:
         """Compiles, before serving, every kernel variant whose choice depends on the batch size:
         the MoE (tile configuration and routing block sizes follow the token count) at every
-        size up to SWEEP_TOKENS and powers of two beyond, and the decode attention of a mixed
+        size up to SWEEP_TOKENS and powers of two beyond (with fuse_norm, also its router's
+        norm-prologue variants up to fuse_norm_rows tokens), and the decode attention of a mixed
         step (its split count follows the row count) for 1…max_rows rows on both layer kinds.
         The batch-size arguments themselves are compiled unspecialized (kernels/jit.py). The
-        dense GEMV's variants (one per padded row count 1, 2, 4, 8) are not compiled here: the
+        dense GEMV's variants (one per padded row count 1, 2, 4, 8, with and without the norm
+        prologue, which the first layer takes without a residual) are not compiled here: the
         engine's warm-up steps of 1, 2, 4, 8 tokens and its decode graph buckets compile them.
         The dummy cache slot is used."""
         cfg = weights.config
@@ -162,6 +225,8 @@ class TritonOps:
         x = torch.randn(max(sizes), cfg.hidden_size, device=dev, generator=g).to(dt)
         for t in sizes:
             self.moe(x[:t], layer, cfg)
+            if self._fuses_norm(t):  # the router's norm-prologue variants too
+                self.norm_moe(x[:t], x[:t], layer.mlp_norm, cfg.rms_norm_eps, layer, cfg)
         q = torch.zeros(max_rows, cfg.num_attention_heads, cfg.head_dim, device=dev, dtype=dt)
         positions = torch.zeros(max_rows, device=dev, dtype=torch.long)
         for k_cache, v_cache, window in caches:
