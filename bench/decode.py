@@ -132,7 +132,8 @@ def main() -> None:
             record("decode", {"bench": "decode", "shape": args.shape, "batch": batch,
                               "context": context, "tok_s": batch / t, "roofline_tok_s": roof,
                               "step_ms": t * 1e3, "cuda_graphs": args.graphs, "overlap": overlap,
-                              "dense_gemv_rows": getattr(engine.model.ops, "dense_gemv_rows", 0)})
+                              "dense_gemv_rows": getattr(engine.model.ops, "dense_gemv_rows", 0),
+                              "fuse_norm": getattr(engine.model.ops, "fuse_norm", False)})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)
     for context in args.contexts:
