@@ -89,13 +89,16 @@ class NormPrologue:
         return self.resid_out if self.resid_out is not None else x
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses the tensor's elements can touch."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + last)
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
-    span = lambda t: (t.data_ptr(),  # noqa: E731
-                      t.data_ptr() + t.element_size() * (1 + sum((n - 1) * s for n, s in
-                                                                 zip(t.shape, t.stride(), strict=True))))
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1
 
 
@@ -129,8 +132,8 @@ def row_block(k: int) -> int:
 @jit
 def _norm_inv_rms(X, R, S, stride_x, stride_r, stride_s, M, K, eps, write_s,
                   M_P: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
-    """[M_P] fp32: each row's 1 / sqrt(mean(s²) + eps) for rows < M, 0 past them (their x is
-    never stored). Where write_s (one program), s = round(x + r) is stored into S."""
+    """[M_P] fp32: each row's 1 / sqrt(mean(s²) + eps) for rows < M, 0 past them (their
+    outputs are never stored). Where write_s (one program), s = round(x + r) is stored into S."""
     cols = tl.arange(0, BLOCK)
     cm = cols < K
     m = tl.arange(0, M_P)
