@@ -29,7 +29,7 @@ from kernels.moe_routing import (  # noqa: F401 - the kernel calls them
     new_plan,
     plan_outputs,
 )
-from kernels.norm_prologue import NormPrologue, _norm_inv_rms, _norm_tile, row_block
+from kernels.norm_prologue import NormPrologue, _norm_inv_rms, _norm_tile, overlap, row_block
 
 jit = KernelSet(globals())
 for _helper in (_place_block, _route_block, _write_tiles, _norm_inv_rms, _norm_tile):
@@ -171,6 +171,9 @@ def route_fused(
                 or y_out.stride(1) != 1 or y_out.device != x.device):
             raise ValueError(f"route_fused: with norm, y_out must be {x.dtype} {tuple(x.shape)} "
                              f"with contiguous rows on {x.device}")
+        if any(overlap(y_out, t) for t in (x, norm.residual, norm.resid_out) if t is not None):
+            raise ValueError("route_fused: y_out must not overlap x or the residuals (other "
+                             "programs read them while the first expert block writes y_out)")
     plan = new_plan(t, e, top_k, block_m, x.device)
     lc = RouteLaunch.of(t, e, top_k, plan.max_tiles)
     logits = torch.empty(t, e, dtype=x.dtype, device=x.device)

@@ -54,7 +54,7 @@ class NormPrologue:
         if out.shape != r.shape or out.dtype != r.dtype or out.device != r.device:
             raise ValueError(f"NormPrologue: resid_out must match residual "
                              f"({r.dtype} {tuple(r.shape)}), got {out.dtype} {tuple(out.shape)}")
-        if _overlap(out, r):
+        if overlap(out, r):
             raise ValueError("NormPrologue: resid_out must not overlap residual (other programs "
                              "read the residual while one writes s)")
 
@@ -74,7 +74,7 @@ class NormPrologue:
                 raise ValueError(f"{who}: norm {name} must be {x.dtype} {tuple(x.shape)} with "
                                  f"contiguous rows on {x.device}, got {t.dtype} {tuple(t.shape)} "
                                  f"strides {t.stride()} on {t.device}")
-        if self.resid_out is not None and _overlap(self.resid_out, x):
+        if self.resid_out is not None and overlap(self.resid_out, x):
             raise ValueError(f"{who}: norm resid_out must not overlap x")
 
     def launch_args(self, x: torch.Tensor) -> tuple:
@@ -95,7 +95,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + last)
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory spans intersect (conservative for strided views)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
@@ -184,4 +185,4 @@ def _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv, k0, k, K, EVEN_K: tl.constexp
     return w, _norm_tile(x, r, sc, inv, HAS_RES)
 
 
-__all__ = ["NormPrologue", "exact_scale", "norm_prologue", "normed_ref", "row_block"]
+__all__ = ["NormPrologue", "exact_scale", "norm_prologue", "normed_ref", "overlap", "row_block"]

@@ -84,7 +84,7 @@ def test_fused_router_with_norm_needs_a_normed_x_buffer() -> None:
     x, r, scale = stream(2, 64, torch.float32, seed=0)
     args = (x, torch.randn(8, 64), torch.randn(8), 2, 16, torch.zeros(1, dtype=torch.int32))
     norm = NormPrologue(scale, EPS, r, torch.empty_like(r))
-    for bad in (None, torch.empty(2, 32), torch.empty(2, 64, dtype=torch.float16)):
+    for bad in (None, torch.empty(2, 32), torch.empty(2, 64, dtype=torch.float16), x, r):
         with pytest.raises(ValueError, match="y_out"):
             route_fused(*args, norm=norm, y_out=bad)
 
