@@ -20,7 +20,7 @@ export GPTOSS_COMMIT
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
-STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,load}"
+STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,decode_fused,norm_gemv,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
 for f in bench/results/*.jsonl; do BEFORE[$f]=$(wc -l < "$f"); done
@@ -51,8 +51,9 @@ stage() {  # name, time limit (s), command…
 
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 # GPU tests with the dense GEMV on, so the runtime's graph/eager/torch comparisons go through it.
-GPTOSS_DENSE_GEMV_ROWS=8 stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py
+GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_norm_fused.py \
+  tests/test_kernel_norm_fused_moe.py tests/test_kernel_norm_fused_runtime.py
 stage tests_moe 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_moe.py \
   -k "not 4096 and not 256"
 stage dense 50 $PY -m bench.dense_gemv --rows 1,2,8
@@ -63,13 +64,18 @@ GPTOSS_DENSE_GEMV_ROWS=8 stage decode 110 $PY -m bench.decode --shape 20b --over
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
 GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 50 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096 --batches ""
+# The norms fused into the qkv GEMV and the router (kernels/norm_prologue.py), same machine.
+GPTOSS_FUSE_NORM=1 GPTOSS_DENSE_GEMV_ROWS=8 stage decode_fused 60 $PY -m bench.decode --shape 20b \
+  --overlap --contexts 4096 --batches 1,8 --batch-context 4096
+stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
   TIME_LIMIT=30 OUT="$WORK/load" COMMIT="$GPTOSS_COMMIT" bash bench/gpu_load.sh
 
-for f in decode decode_cublas; do
+for f in decode decode_cublas decode_fused; do
   [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
+[[ -f "$WORK/norm_gemv.log" ]] && tail -n 12 "$WORK/norm_gemv.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
   && grep -ho '"sweep_us": {[^}]*}' "$WORK/new-moe.jsonl"
 for f in tests tests_moe; do [[ -f "$WORK/$f.log" ]] && tail -n 3 "$WORK/$f.log"; done
