@@ -23,6 +23,7 @@ import torch
 
 from bench.common import DEVICE, measure_peaks, record, require_cuda, sync
 from bench.roofline import decode_bytes
+from kernels import pdl
 from runtime.config import preset
 from runtime.engine import Engine, EngineConfig
 from runtime.synthetic import random_weights
@@ -133,7 +134,8 @@ def main() -> None:
                               "context": context, "tok_s": batch / t, "roofline_tok_s": roof,
                               "step_ms": t * 1e3, "cuda_graphs": args.graphs, "overlap": overlap,
                               "dense_gemv_rows": getattr(engine.model.ops, "dense_gemv_rows", 0),
-                              "fuse_norm": getattr(engine.model.ops, "fuse_norm", False)})
+                              "fuse_norm": getattr(engine.model.ops, "fuse_norm", False),
+                              "pdl": pdl.enabled()})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)
     for context in args.contexts:

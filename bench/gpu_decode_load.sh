@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call for the decode path and the loaded server (a lease has few calls): GPU tests of the
 # kernels the decode step uses, the dense GEMV against cuBLAS, the MoE GEMV candidates at one
-# token, single-stream decode with the dense GEMV on and off (overlapped steps too), then the
-# server under load. Each stage has a time limit (together ≤ 590 s: one runner command); a table
+# token, single-stream decode with the dense GEMV on and off and with programmatic dependent
+# launch off and on (overlapped steps too), the MoE layer and a batch-1 kernel timeline with PDL,
+# then the server under load. Each stage has a time limit (together ≤ 590 s: one runner command); a table
 # of what ran is printed last.
 #
 #   GPTOSS_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_decode_load.sh
@@ -20,7 +21,7 @@ export GPTOSS_COMMIT
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
-STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,decode_fused,norm_gemv,load}"
+STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,decode_pdl,moe_pdl,timeline_pdl,norm_gemv,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
 for f in bench/results/*.jsonl; do BEFORE[$f]=$(wc -l < "$f"); done
@@ -53,29 +54,35 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 # GPU tests with the dense GEMV on, so the runtime's graph/eager/torch comparisons go through it.
 GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_norm_fused.py \
-  tests/test_kernel_norm_fused_moe.py tests/test_kernel_norm_fused_runtime.py
+  tests/test_kernel_norm_fused_moe.py tests/test_kernel_norm_fused_runtime.py \
+  tests/test_kernel_pdl.py
 stage tests_moe 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_moe.py \
   -k "not 4096 and not 256"
 stage dense 50 $PY -m bench.dense_gemv --rows 1,2,8
 SPLITS=g4_n32k256s2,g4_n32k256s4,g4_n64k256s2,g4_n32k512s2  # kernels/moe_configs_gemv.py
 stage moe1 60 $PY -m bench.moe --shapes 20b --tokens 1 --sweep \
   --only "g3_n16k256,g3_n16k512,g3_n32k512,g3_n32k256w2,g3_n8k512w2,$SPLITS"
-GPTOSS_DENSE_GEMV_ROWS=8 stage decode 110 $PY -m bench.decode --shape 20b --overlap \
+GPTOSS_PDL=0 stage decode 110 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
 GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 50 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096 --batches ""
-# The norms fused into the qkv GEMV and the router (kernels/norm_prologue.py), same machine.
-GPTOSS_FUSE_NORM=1 GPTOSS_DENSE_GEMV_ROWS=8 stage decode_fused 60 $PY -m bench.decode --shape 20b \
-  --overlap --contexts 4096 --batches 1,8 --batch-context 4096
+# Programmatic dependent launch (kernels/pdl.py), same machine, same stages as decode.
+GPTOSS_PDL=1 stage decode_pdl 110 $PY -m bench.decode --shape 20b --overlap \
+  --contexts 4096,32768 --batches 1,8 --batch-context 4096
+stage moe_pdl 60 bash -c "GPTOSS_PDL=0 $PY -m bench.moe --shapes 20b --tokens 1,8 \
+  && GPTOSS_PDL=1 $PY -m bench.moe --shapes 20b --tokens 1,8"
+GPTOSS_PDL=1 stage timeline_pdl 60 $PY -m bench.diag_graph_timeline --batch 1 --contexts 4096
 stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
   TIME_LIMIT=30 OUT="$WORK/load" COMMIT="$GPTOSS_COMMIT" bash bench/gpu_load.sh
 
-for f in decode decode_cublas decode_fused; do
+for f in decode decode_cublas decode_pdl; do
   [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
 [[ -f "$WORK/norm_gemv.log" ]] && tail -n 12 "$WORK/norm_gemv.log"
+[[ -f "$WORK/moe_pdl.log" ]] && grep -h -A3 "== MoE layer summary" "$WORK/moe_pdl.log"
+[[ -f "$WORK/timeline_pdl.log" ]] && grep -h -A12 "^== 20b" "$WORK/timeline_pdl.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
   && grep -ho '"sweep_us": {[^}]*}' "$WORK/new-moe.jsonl"
 for f in tests tests_moe; do [[ -f "$WORK/$f.log" ]] && tail -n 3 "$WORK/$f.log"; done

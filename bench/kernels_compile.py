@@ -11,6 +11,7 @@ specialized as a real launch would (16-byte aligned pointers, strides divisible 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import subprocess
 import tempfile
@@ -21,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.decode_attention as dec
+import kernels.decode_variants as var
 import kernels.dense_gemv as gemv
 import kernels.prefill_attention as pre
 import kernels.rmsnorm as norm
@@ -35,8 +37,10 @@ P = "ptr"  # marks a pointer argument; its element type follows
 def build(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 2):  # noqa: ANN001, ANN201
     fn = module.jit.bound(False)[name]
     sig, consts, attrs = {}, {}, {}
+    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     for i, arg in enumerate(fn.arg_names):
-        v = args[arg]
+        v = args[arg] if arg in args else ("const", defaults[arg])  # a defaulted constexpr
         if isinstance(v, tuple) and v[0] == P:
             sig[arg], attrs[(i,)] = "*" + v[1], [["tt.divisibility", 16]]
         elif isinstance(v, tuple) and v[0] == "const":
@@ -92,6 +96,12 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
         sq_t=5120, sq_h=64, sk_t=5120, sk_h=64, sv_t=5120, sv_h=64, skc_s=4096 * 512,
         skc_c=512, skc_h=64, svc_s=4096 * 512, svc_c=512, svc_h=64, sqo_t=4096, sqo_h=64,
         CAP=4096, NQ=64, NKV=8, HALF=c(32), NQ_P=c(64), NKV_P=c(8), BLOCK_D=c(32)), 4, 1))
+    out.append(("rope_cache_write pdl", rope, "_rope_cache_write_kernel", dict(
+        Q=bf, K=bf, V=bf, COS=f32, SIN=f32, POS=i64, SLOT=i64, KC=bf, VC=bf, QO=bf,
+        sq_t=5120, sq_h=64, sk_t=5120, sk_h=64, sv_t=5120, sv_h=64, skc_s=4096 * 512,
+        skc_c=512, skc_h=64, svc_s=4096 * 512, svc_c=512, svc_h=64, sqo_t=4096, sqo_h=64,
+        CAP=4096, NQ=64, NKV=8, HALF=c(32), NQ_P=c(64), NKV_P=c(8), BLOCK_D=c(32), PDL=c(True)),
+        4, 1))
     for window, splits in ((0, 33), (0, 1), (128, 1)):
         for block_n in (64, 128):
             out.append((f"decode W={window} S={splits} BN={block_n}", dec, "_decode_kernel", dict(
@@ -101,6 +111,15 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
                 qk_scale=0.18, NQ=64, WINDOW=c(window), G=c(8), G_P=c(16), D=c(64),
                 BLOCK_N=c(block_n), SPLITS=c(splits), SPLITS_P=c(triton.next_power_of_2(splits)),
                 PRECISION=c(None)), 4, 2))
+    for pdl_on in (False, True):  # the serving decode (kernels/decode_variants.SERVING)
+        out.append((f"fused_decode W=0 S=33 pdl={pdl_on}", var, "_fused_decode_kernel", dict(
+            Q=bf, KC=bf, VC=bf, SLOT=i64, POS=i64, SINK=f32, OUT=bf, PM=f32, PL=f32, PACC=f32,
+            CNT=i32, sq_b=4096, sq_h=64, skc_s=32768 * 512, skc_c=512, skc_h=64,
+            svc_s=32768 * 512, svc_c=512, svc_h=64, so_b=4096, so_h=64, CAP=32768,
+            qk_scale=0.18, NQ=64, NKV=8, SPLITS=33, WINDOW=c(0), G=c(8), G_P=c(16), G_M=c(8),
+            D=c(64), BLOCK_N=c(var.SERVING.block_n), SPLITS_P=c(64), MERGE_S=c(16),
+            KV_TOGETHER=c(var.SERVING.kv_together), PRECISION=c(None), PDL=c(pdl_on)),
+            var.SERVING.num_warps, var.SERVING.num_stages))
     out.append(("decode merge S=33", dec, "_merge_kernel", dict(
         POS=i64, SINK=f32, OUT=bf, PM=f32, PL=f32, PACC=f32, so_b=4096, so_h=64, NQ=64,
         WINDOW=c(0), D=c(64), BLOCK_N=c(64), SPLITS=c(33), SPLITS_P=c(64)), 4, 1))
@@ -120,8 +139,18 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
                 M_P=c(16 if t.dot else m_p), BLOCK_N=c(t.block_n),
                 BLOCK_K=c(t.block_k), VEC=c(8), HAS_BIAS=c(True), EVEN_K=c(2880 % t.block_k == 0),
                 DOT=c(t.dot), PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None),
-                NORM=c(False), HAS_RES=c(False), BLOCK_ROW=c(1)),
+                NORM=c(False), HAS_RES=c(False), BLOCK_ROW=c(1), PDL=c(False), SECTORS=c(1)),
                 t.num_warps, t.num_stages))
+    # programmatic dependent launch: the weight-row L2 prefetch before griddepcontrol.wait
+    t = gemv.DEFAULT
+    for m_p in (1, 2):
+        out.append((f"dense_gemv pdl M={m_p}", gemv, "_dense_gemv_kernel", dict(
+            X=bf, W=bf, B=bf, Y=bf, M=3, N=5120, K=2880, stride_xm=2880, stride_wn=2880,
+            stride_ym=5120, R=bf, SC=f32, S_OUT=bf, stride_rm=2880, stride_sm=2880, eps=0.0,
+            M_P=c(m_p), BLOCK_N=c(t.block_n), BLOCK_K=c(t.block_k), VEC=c(8), HAS_BIAS=c(True),
+            EVEN_K=c(False), DOT=c(False), PREFETCH=c(False), PRECISION=c(None), NORM=c(False),
+            HAS_RES=c(False), BLOCK_ROW=c(1), PDL=c(True), SECTORS=c(256)),
+            t.num_warps, t.num_stages))
     v, nc = 201088, 99  # 2048-token chunks
     rows = dict(TEMP=f32, TOPK=i64, TOPP=f32, MINP=f32)
     out.append(("sample stats", samp.K, "_stats_kernel", dict(

@@ -12,6 +12,7 @@ strides divisible by 16) at the gpt-oss-20b shapes.
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import subprocess
 import tempfile
@@ -39,14 +40,17 @@ TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 HID = INTER = 2880
 ROW_SCALES = False  # --row-scales: the checkpoint's [E, N, G] scale layout
+PDL = False  # --pdl: programmatic dependent launch (kernels/pdl.py)
 E, K_TOP = 32, 4
 
 
 def _compile(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 3):
     fn = module.jit.bound(False)[name]
     sig, consts, attrs = {}, {}, {}
+    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     for i, arg in enumerate(fn.arg_names):
-        v = args[arg]
+        v = args[arg] if arg in args else defaults[arg]  # a defaulted constexpr: as launched
         if isinstance(v, str):  # a pointer "*bf16"
             sig[arg], attrs[(i,)] = v, [["tt.divisibility", 16]]
         elif isinstance(v, bool) or arg.isupper() and not isinstance(v, float):
@@ -169,6 +173,8 @@ def report_gemv(name: str, mc: MoEConfig, sass_dir: Path | None) -> None:
                             (2, "_gemv2_fused_kernel" if fuse else "_gemv2_kernel", mc.gemv.gemm2)):
         a = dict(gemv_args(which, t.dequant), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                  PREFETCH=3 if t.async_copy else t.prefetch)
+        if PDL:  # kernels/pdl.py: GEMM 2 prefetches its code rows (720 B: 32 sectors)
+            a.update(PDL=True, **({"SECTORS": 32} if which == 2 and not fuse else {}))
         if which == 2:
             a["SPLIT_K"] = t.split_k
             if fuse:  # the combine's operands (kernels/moe_gemv_pipe.py)
@@ -190,11 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default="all", help="all, or comma-separated names")
     ap.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS here")
     ap.add_argument("--exact", action="store_true", help="the exact path instead of the fast one")
+    ap.add_argument("--pdl", action="store_true",
+                    help="the GEMVs and the router with programmatic dependent launch")
     ap.add_argument("--row-scales", action="store_true",
                     help="scales in the checkpoint's [E, N, G] layout (not prepare_moe's)")
     args = ap.parse_args(argv)
-    global ROW_SCALES
-    ROW_SCALES = args.row_scales
+    global ROW_SCALES, PDL
+    ROW_SCALES, PDL = args.row_scales, args.pdl
     # (GEMV_SPLIT_CANDIDATES are not here: their GEMM 1 is kernels/moe_gemv_split.py's.)
     configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES, **DECODE_CANDIDATES,
                **PREFILL_CANDIDATES, **LATENCY_CANDIDATES}
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         elif router.fits(t, K_TOP, e):
             a = {key: v for key, v in a.items() if key not in ("LOGITS", "stride_l", "PDL")}
             t_pad = triton.next_power_of_2(t)
+            a.update(PDL=PDL)
             a.update(X="*bf16", stride_x=HID, WG="*bf16", BG="*bf16", PART="*fp32",
                      LOGITS="*bf16", H=HID, COUNTER="*i32", XS="*fp32", stride_xs=HID,
                      R="*bf16", SC="*fp32", S_OUT="*bf16", Y_OUT="*bf16", stride_r=HID,

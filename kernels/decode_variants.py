@@ -38,9 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.jit import KernelSet
+from kernels.pdl import wait_then_release
 
 jit = KernelSet(globals())
+pdl.register(jit)
 MIN_COUNTERS = 1 << 14  # B·nkv ≤ 16384 without growing (64 KB)
 MERGE_FLOATS = 8192  # one merge load round: G·MERGE_S·D fp32 (32 KB, 64 per thread at 4 warps)
 
@@ -174,8 +177,9 @@ def _fused_decode_kernel(
     CAP, qk_scale, NQ, NKV, SPLITS, WINDOW: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, G_M: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS_P: tl.constexpr, MERGE_S: tl.constexpr,
-    KV_TOGETHER: tl.constexpr, PRECISION: tl.constexpr,
+    KV_TOGETHER: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_then_release(PDL)  # kernels/pdl.py: q and the new K/V come from the predecessor
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -274,4 +278,5 @@ def launch_fused(
         G=g, G_P=max(16, triton.next_power_of_2(g)), G_M=g_m, D=d, BLOCK_N=cfg.block_n,
         SPLITS_P=splits_p, MERGE_S=merge_s, KV_TOGETHER=cfg.kv_together,
         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_args(q.device),
     )

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.jit import KernelSet
 from kernels.norm_prologue import (
     NormPrologue,
@@ -49,10 +50,12 @@ from kernels.norm_prologue import (
     normed_ref,
     row_block,
 )
+from kernels.pdl import prefetch_rows, wait_then_release
 
 jit = KernelSet(globals())
 for _helper in (_norm_inv_rms, _norm_tile, _load_normed):  # the norm prologue's pieces
     jit(_helper)
+pdl.register(jit)
 
 MAX_ROWS = 8
 DOT_MIN = 16  # tl.dot's smallest M, N and K on the GPU
@@ -161,10 +164,13 @@ def _dense_gemv_kernel(
     M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr,
     PRECISION: tl.constexpr, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-    BLOCK_ROW: tl.constexpr = 1,
+    BLOCK_ROW: tl.constexpr = 1, PDL: tl.constexpr = False, SECTORS: tl.constexpr = 1,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     w_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # clamped: unmasked row loads
+    # PDL (kernels/pdl.py): this program's weight rows into L2 while the previous kernel runs
+    prefetch_rows(W + w_rows, K, SECTORS, PDL)
+    wait_then_release(PDL)
     m = tl.arange(0, M_P)  # [M_P]
     x_rows = tl.minimum(m, M - 1).to(tl.int64) * stride_xm
     r_rows = tl.minimum(m, M - 1).to(tl.int64) * stride_rm
@@ -295,5 +301,6 @@ def linear_small(
         PREFETCH=not t.dot and t.num_stages > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=t.num_warps, num_stages=t.num_stages, **normed,
+        **pdl.launch_args(x.device, row_bytes=k * w.element_size()),
     )
     return y

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kernels import pdl
 from kernels.moe_gemm import compiled
 from kernels.moe_gemv_dequant import F16, F32
 from kernels.moe_gemv_kernels import GEMV_MAX_SCALE, jit
@@ -206,13 +207,14 @@ def moe_gemv(
         a_in, a_in.stride(0), w2, w2.stride(0), w2.stride(1), s2, s2.stride(0), s2.stride(1),
         s2.stride(2), ex, part, part.stride(0), part.stride(1), h, inter, pairs, k_per_split,
         SPLIT_K=split, **_launch(g2, deq, x.device),
+        **pdl.launch_args(x.device, row_bytes=k_per_split // 2),
     )
     # 128 columns per one-warp program: 23 programs per token of 20b. (1024-column programs
     # left 3 programs for one token: 4.2 µs on the H100, latency of a nearly idle GPU.)
     block_h = min(128, triton.next_power_of_2(h))
     jit["_gemv_combine_kernel"][(t, triton.cdiv(h, block_h))](
         part, part.stride(0), part.stride(1), ex, wt, b2, b2.stride(0), out, out.stride(0), h,
-        TOPK=top_k, SPLIT_K=split, BLOCK_H=block_h, num_warps=1,
+        TOPK=top_k, SPLIT_K=split, BLOCK_H=block_h, num_warps=1, **pdl.launch_args(x.device),
     )
     return out
 
@@ -231,7 +233,8 @@ def gemv1_swiglu(
     if split is None:
         jit["_gemv1_swiglu_kernel"][(grid,)](
             x, xs, xs.stride(0), *w_args, b1, b1.stride(0), ex, act, act.stride(0), n2, h, pairs,
-            float(alpha), float(limit), TOPK=top_k, **_launch(tiles, deq, x.device))
+            float(alpha), float(limit), TOPK=top_k, **_launch(tiles, deq, x.device),
+            **pdl.launch_args(x.device))
         return
     part = torch.empty(split, pairs, n2, dtype=torch.float32, device=x.device)
     jit["_gemv1_part_kernel"][(grid * split,)](

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
+from kernels import pdl
 from kernels.jit import KernelSet
 from kernels.moe_dequant import (  # noqa: F401 - the f32 step calls them
     _E2M1_X4_ASM,
@@ -42,10 +43,12 @@ from kernels.moe_gemv_pipe import (  # noqa: F401 - the kernels call them
     _math,
 )
 from kernels.moe_gemv_split import _gemv1_part_kernel, _swiglu_sum_kernel
+from kernels.pdl import prefetch_rows, wait_then_release
 
 jit = KernelSet(globals())
 for _helper in HELPERS + PIPE_HELPERS:
     jit(_helper)
+pdl.register(jit)
 for _kernel in (_gemv2_fused_kernel, _gemv1_part_kernel, _swiglu_sum_kernel):
     jit(do_not_specialize=("stride_ps", "n_pairs"))(_kernel)
 
@@ -160,11 +163,13 @@ def _gemv1_swiglu_kernel(
     X, XS, stride_x, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg, B, stride_be,
     EXPERTS, ACT, stride_a, n2, k_dim, n_pairs, alpha, limit,
     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """One (pair, block of BLOCK_N interleaved gate/linear rows) → act[pair, BLOCK_N/2].
     XS is what is read: x itself (DEQ = 0) or its pre-split copy (per 32-group the evens, then
-    the odds; fp32 or fp16) for the fast step, which also stores ACT pre-split. X: the dtype."""
+    the odds; fp32 or fp16) for the fast step, which also stores ACT pre-split. X: the dtype.
+    PDL: nothing before the wait (the experts come from the predecessor, the router)."""
+    wait_then_release(PDL)
     pid = tl.program_id(0)
     pair = pid % n_pairs  # pairs fastest: pairs sharing an expert read its rows from L2
     nb = pid // n_pairs
@@ -209,9 +214,24 @@ def _gemv2_kernel(
     A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
     EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
+    SECTORS: tl.constexpr = 1,
 ):
-    """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias)."""
+    """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias).
+    PDL: before the wait, this program's code bytes into L2 while GEMM 1 runs; the experts were
+    written by the router, two kernels back, complete once GEMM 1 let this kernel launch."""
+    if PDL:
+        pid = tl.program_id(0)
+        pair = pid % n_pairs
+        k_lo = (pid // n_pairs) % SPLIT_K * k_per_split
+        k_len = tl.minimum(k_per_split, k_dim - k_lo)
+        rows = tl.minimum((pid // (n_pairs * SPLIT_K)) * BLOCK_N + tl.arange(0, BLOCK_N),
+                          n_rows - 1)
+        e = tl.load(EXPERTS + pair, cache_modifier=".cg").to(tl.int64)
+        CODES: tl.constexpr = W.dtype.element_ty.primitive_bitwidth // 4  # per element
+        prefetch_rows(W + e * stride_we + rows.to(tl.int64) * stride_wn + k_lo // CODES,
+                      k_len // CODES, SECTORS, PDL)
+    wait_then_release(PDL)
     _gemv2_part(A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
                 EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
                 SPLIT_K, BLOCK_N, BLOCK_K, DEQ, EMULATE, PREFETCH)
@@ -220,9 +240,10 @@ def _gemv2_kernel(
 @jit(do_not_specialize=("stride_ps",))
 def _gemv_combine_kernel(
     PART, stride_ps, stride_pp, EXPERTS, WEIGHTS, B, stride_be, OUT, stride_o, n_rows,
-    TOPK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOPK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[t, cols] = Σ_j w[t, j]·(round(Σ_s part[s, t·k + j, cols]) + b2[e_tj, cols])."""
+    wait_then_release(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cm = cols < n_rows

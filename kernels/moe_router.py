@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.jit import KernelSet
 from kernels.moe_routing import (  # noqa: F401 - the kernel calls them
     RouteLaunch,
@@ -30,8 +31,10 @@ from kernels.moe_routing import (  # noqa: F401 - the kernel calls them
     plan_outputs,
 )
 from kernels.norm_prologue import NormPrologue, _norm_inv_rms, _norm_tile, overlap, row_block
+from kernels.pdl import wait_then_release
 
 jit = KernelSet(globals())
+pdl.register(jit)
 for _helper in (_place_block, _route_block, _write_tiles, _norm_inv_rms, _norm_tile):
     jit(_helper)
 
@@ -51,8 +54,9 @@ def _router_kernel(
     H_SPLIT: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
     WRITE_XS: tl.constexpr, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-    BLOCK_ROW: tl.constexpr = 1,
+    BLOCK_ROW: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
+    wait_then_release(PDL)  # kernels/pdl.py: x comes from the predecessor
     pid = tl.program_id(0)
     split = tl.program_id(1)
     t = tl.arange(0, T_PAD)
@@ -194,6 +198,7 @@ def route_fused(
         xs_out if xs_out is not None else part, xs_out.stride(0) if xs_out is not None else 0,
         *norm_args, T_PAD=t_pad, E_BLK=E_BLOCK, BLOCK_H=bh, H_SPLIT=H_SPLIT,
         **cst, WRITE_XS=xs_out is not None, num_warps=num_warps(t_pad, bh), **normed,
+        **pdl.launch_args(x.device),
     )
     return plan
 

@@ -20,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.jit import KernelSet
+from kernels.pdl import wait_then_release
 
 jit = KernelSet(globals())
+pdl.register(jit)
 
 
 def apply_rope_ref(
@@ -80,7 +83,9 @@ def _rope_cache_write_kernel(
     skc_s, skc_c, skc_h, svc_s, svc_c, svc_h, sqo_t, sqo_h,
     CAP, NQ, NKV,
     HALF: tl.constexpr, NQ_P: tl.constexpr, NKV_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_then_release(PDL)  # kernels/pdl.py: q, k, v come from the predecessor
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
     slot = tl.load(SLOT + t).to(tl.int64)
@@ -177,6 +182,6 @@ def rope_cache_write(
         q_out.stride(0), q_out.stride(1),
         k_cache.shape[1], nq, nkv,
         HALF=d // 2, NQ_P=triton.next_power_of_2(nq), NKV_P=triton.next_power_of_2(nkv),
-        BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4,
+        BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4, **pdl.launch_args(q.device),
     )
     return q_out

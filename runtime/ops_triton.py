@@ -36,13 +36,18 @@ log = logging.getLogger(__name__)
 SWEEP_TOKENS = 2048
 # The dense projections (qkv, out) of batches up to this many rows run the one-launch Triton GEMV
 # (kernels/dense_gemv.py) instead of cuBLAS; 0 turns it off. GPTOSS_DENSE_GEMV_ROWS overrides it.
-DENSE_GEMV_ROWS = 0
+# H100, run 45 (bench.dense_gemv, µs, GEMV / cuBLAS): qkv M=1 12.1 / 13.6, M=2 13.1 / 13.2,
+# M=8 20.1 / 13.1; out M=1 10.5 / 14.4, M=2 10.2 / 14.4, M=8 14.5 / 14.4. Batch-1 decode at 4k:
+# 2.394 vs 2.516 ms per step; batch 8: 6.28 ms with rows ≤ 2 vs 6.48 with rows ≤ 8.
+DENSE_GEMV_ROWS = 2
 # The norms before qkv and before the MoE run in their consumers' prologues (norm_linear: the
 # dense GEMV, within DENSE_GEMV_ROWS; norm_moe: the fused router, kernels/moe_router.norm_fits)
-# for batches up to FUSE_NORM_ROWS rows, saving the standalone norm's launch. Off until timed on
-# the H100; GPTOSS_FUSE_NORM=1 turns it on, GPTOSS_FUSE_NORM_ROWS overrides the row limit.
-FUSE_NORM = False
-FUSE_NORM_ROWS = MAX_ROWS
+# for batches up to FUSE_NORM_ROWS rows, saving the standalone norm's launch. GPTOSS_FUSE_NORM=0
+# turns it off, GPTOSS_FUSE_NORM_ROWS overrides the row limit. H100, run 45: batch-1 decode at 4k
+# 2.394 → 2.359 ms per step; the fused qkv GEMV (bench.norm_gemv, µs, fused / norm + GEMV) M=1
+# 13.5 / 14.3, M=2 15.1 / 15.6 (fma_n8_k512_w2 tiles), M=4 24.3 / 17.1, M=8 37.5 / 22.8: on up to 2.
+FUSE_NORM = True
+FUSE_NORM_ROWS = 2
 
 
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
