@@ -21,7 +21,7 @@ export GPTOSS_COMMIT
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
-STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,decode_pdl,moe_pdl,timeline_pdl,norm_gemv,load}"
+STAGES="${STAGES:-tests,tests_moe,dense,moe1,decode,decode_cublas,decode_pdl,moe_pdl,timeline_pdl,access,norm_gemv,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
 for f in bench/results/*.jsonl; do BEFORE[$f]=$(wc -l < "$f"); done
@@ -72,6 +72,7 @@ GPTOSS_PDL=1 stage decode_pdl 110 $PY -m bench.decode --shape 20b --overlap \
 stage moe_pdl 60 bash -c "GPTOSS_PDL=0 $PY -m bench.moe --shapes 20b --tokens 1,8 \
   && GPTOSS_PDL=1 $PY -m bench.moe --shapes 20b --tokens 1,8"
 GPTOSS_PDL=1 stage timeline_pdl 60 $PY -m bench.diag_graph_timeline --batch 1 --contexts 4096
+stage access 40 $PY -m bench.access_pattern
 stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
   TIME_LIMIT=30 OUT="$WORK/load" COMMIT="$GPTOSS_COMMIT" bash bench/gpu_load.sh
@@ -81,6 +82,7 @@ for f in decode decode_cublas decode_pdl; do
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
 [[ -f "$WORK/norm_gemv.log" ]] && tail -n 12 "$WORK/norm_gemv.log"
+[[ -f "$WORK/access.log" ]] && tail -n 16 "$WORK/access.log"
 [[ -f "$WORK/moe_pdl.log" ]] && grep -h -A3 "== MoE layer summary" "$WORK/moe_pdl.log"
 [[ -f "$WORK/timeline_pdl.log" ]] && grep -h -A12 "^== 20b" "$WORK/timeline_pdl.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
