@@ -10,8 +10,15 @@ import inspect
 
 import pytest
 import torch
+import triton
 
+import bench.moe_compile as mc
+import kernels.dense_gemv as gemv
+import kernels.moe_router as router
 import kernels.pdl as pdl
+from bench.kernels_compile import build, c
+from bench.norm_compile import dense, router_args
+from kernels.moe import choose_config
 from runtime.batch import build_batch
 from runtime.config import preset
 from runtime.kv_cache import CacheShape, KVCache
@@ -64,11 +71,11 @@ def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
     """A one-token decode step of the tiny model with the Triton ops (interpreted): the dense
     GEMVs, the router, both MoE GEMVs, the combine, rope and the fused decode attention all
     take their launch flags from kernels.pdl (a launcher that dropped them would fail here)."""
-    callers: set[str] = set()
+    callers: set[tuple[str, bool]] = set()  # (launcher, with a weight-row prefetch)
     real = pdl.launch_args
 
     def spy(device, row_bytes=None):  # noqa: ANN001, ANN202
-        callers.add(inspect.stack()[1].function)
+        callers.add((inspect.stack()[1].function, row_bytes is not None))
         return real(device, row_bytes)
 
     monkeypatch.setattr(pdl, "launch_args", spy)
@@ -80,8 +87,10 @@ def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
     model.hidden(build_batch(StepPlan((SeqWork(0, (5, 9, 200), 0, sample=True),)), "cpu"))
     callers.clear()
     model.hidden(build_batch(StepPlan((SeqWork(0, (7,), 3, sample=True),)), "cpu"))
-    assert {"linear_small", "route_fused", "moe_gemv", "gemv1_swiglu", "rope_cache_write",
-            "launch_fused"} <= callers, callers
+    # moe_gemv launches GEMM 2 (which prefetches its code rows) and the combine (which does not)
+    assert {("linear_small", True), ("route_fused", False), ("gemv1_swiglu", False),
+            ("moe_gemv", True), ("moe_gemv", False), ("rope_cache_write", False),
+            ("launch_fused", False)} <= callers, callers
 
 
 def engine(monkeypatch: pytest.MonkeyPatch, on: bool, **kw):  # noqa: ANN201
@@ -129,3 +138,38 @@ def test_gpu_pdl_decode_graphs_generate_the_tokens_of_plain_launches(
         outs.append([e.generate([3 + i for i in range(10 + s)], GREEDY, max_new_tokens=12,
                                 slot=s).token_ids for s in range(3)])
     assert outs[0] == outs[1]
+
+
+# The invariant of kernels/pdl.py, checked where it can be broken: in the compiled code (sm_90a,
+# on the CPU), nothing before griddepcontrol.wait stores, and the only loads are those a kernel's
+# pre-wait section means to make (L2 prefetches; GEMM 2's expert ids, written two kernels back).
+MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "cp.async")
+
+
+def pre_wait_ops(ptx: str) -> list[str]:
+    """The global memory instructions before the wait; raises unless the wait comes before the
+    release and both are there."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    wait = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait"))
+    release = next(i for i, line in enumerate(lines)
+                   if line.startswith("griddepcontrol.launch_dependents"))
+    assert wait < release
+    return [line for line in lines[:wait] if any(op in line for op in MEMORY_OPS)]
+
+
+def test_compiled_decode_kernels_touch_nothing_but_constants_before_the_wait() -> None:
+    for m in (1, 2):  # the fused qkv GEMV as served (norm + residual, bf16 scale)
+        a, t = dense(m, norm=True, res=True, scale="bf16")
+        a.update(PDL=c(True), SECTORS=c(pdl.sectors(2880 * 2)))
+        k = build(gemv, "_dense_gemv_kernel", a, t.num_warps, t.num_stages)
+        assert pre_wait_ops(k.asm["ptx"]) == [], m
+    a, warps = router_args(1, 32, norm=True, res=True)
+    assert pre_wait_ops(mc._compile(router, "_router_kernel", dict(a, PDL=True),
+                                    warps).asm["ptx"]) == []
+    g2 = choose_config(1, 4, 32).gemv.gemm2
+    a = dict(mc.gemv_args(2, g2.dequant), BLOCK_N=g2.block_n, BLOCK_K=g2.block_k,
+             PREFETCH=3 if g2.async_copy else g2.prefetch, SPLIT_K=g2.split_k, PDL=True,
+             SECTORS=pdl.sectors(triton.cdiv(mc.INTER // 32, g2.split_k) * 32 // 2))
+    ops = pre_wait_ops(mc._compile(mc.gemv, "_gemv2_kernel", a, g2.num_warps,
+                                   g2.num_stages).asm["ptx"])
+    assert len(ops) == 1 and ops[0].startswith("ld.global.cg.b32"), ops  # the pair's expert
