@@ -105,15 +105,16 @@ class TritonOps(NormThenOp):
         self._moe_forward, self._prepare_moe = _moe_backend()
         self._moe_forward_norm = _moe_norm_backend()
         self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout
-        # id(fp32 norm scale) → an exact copy in the activation dtype, for norm_linear's kernel
-        self._scales: dict[int, torch.Tensor] = {}
+        # id(fp32 norm scale) → (that scale, an exact copy in the activation dtype) for
+        # norm_linear's kernel; the scale is kept so its id is never reused for another tensor
+        self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, weights: ModelWeights) -> None:
         if self.fuse_norm:
             for layer in weights.layers:
                 narrow = exact_scale(layer.attn_norm, weights.embedding.dtype)
                 if narrow is not None:
-                    self._scales[id(layer.attn_norm)] = narrow
+                    self._scales[id(layer.attn_norm)] = (layer.attn_norm, narrow)
         if self._prepare_moe is None:
             return
         for layer in weights.layers:
@@ -133,7 +134,8 @@ class TritonOps(NormThenOp):
     def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
         m = x.shape[0]
         if self._fuses_norm(m) and m <= self.dense_gemv_rows and x.dtype == w.dtype:
-            return norm_linear_small(x, residual, self._scales.get(id(scale), scale), eps, w, b)
+            kept, narrow = self._scales.get(id(scale), (None, None))
+            return norm_linear_small(x, residual, narrow if kept is scale else scale, eps, w, b)
         return super().norm_linear(x, residual, scale, eps, w, b)
 
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201 - see Ops

@@ -81,7 +81,8 @@ def test_fused_norms_give_the_unfused_hidden_states_and_tokens_bit_for_bit(
     plain_h, plain_t = prefill_then_decode(make_model(TritonOps(8, fuse_norm=False)), steps)
     assert calls == {"gemv": 0, "router": 0, "rmsnorm": steps * (2 * LAYERS + 1)}
     calls.update(gemv=0, router=0, rmsnorm=0)
-    fused_h, fused_t = prefill_then_decode(make_model(TritonOps(8, fuse_norm=True, fuse_norm_rows=8)), steps)
+    fused_ops = TritonOps(8, fuse_norm=True, fuse_norm_rows=8)
+    fused_h, fused_t = prefill_then_decode(make_model(fused_ops), steps)
     # Every step has ≤ 8 rows (6, 4, 2, 2): the qkv norm of every layer fused, the MoE norm
     # wherever the MoE config has the fused router (not at 6 tokens on 8 experts, where
     # moe_forward_norm runs the standalone norm itself), only the final norm through the ops.
@@ -99,18 +100,33 @@ def test_fused_norms_give_the_unfused_hidden_states_and_tokens_bit_for_bit(
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_norms_stay_off_past_their_row_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows over fuse_norm_rows (or over dense_gemv_rows for the GEMV) take the standalone norm."""
-    fused = []
-    monkeypatch.setattr(ot, "norm_linear_small", lambda *a, **k: fused.append(a) or None)
-    ops = TritonOps(dense_gemv_rows=2, fuse_norm=True, fuse_norm_rows=4)
-    ops._moe_forward = None  # the torch reference MoE: norm_moe falls back as well
-    model = make_model(ops)
+@pytest.mark.parametrize(
+    ("gemv_rows", "norm_rows", "moe_fuses"),
+    [
+        (2, 4, True),  # 3 rows: past dense_gemv_rows only, so the MoE norm alone is fused
+        (8, 2, False),  # past fuse_norm_rows: both norms standalone
+    ],
+)
+def test_fused_norms_stay_off_past_their_row_limits(
+    monkeypatch: pytest.MonkeyPatch, gemv_rows: int, norm_rows: int, moe_fuses: bool
+) -> None:
+    """A 3-row batch: the qkv GEMV's norm fused only within fuse_norm_rows and dense_gemv_rows,
+    the MoE's only within fuse_norm_rows; past them the standalone norm, same hidden states."""
+    calls = {"gemv": 0, "moe": 0}
+    real_moe = moe.moe_forward_norm
+
+    def spy_moe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["moe"] += 1
+        return real_moe(*args, **kwargs)
+
+    monkeypatch.setattr(ot, "norm_linear_small",
+                        lambda *a, **k: calls.update(gemv=calls["gemv"] + 1))  # would crash
+    monkeypatch.setattr(moe, "moe_forward_norm", spy_moe)  # TritonOps looks it up at __init__
+    model = make_model(TritonOps(gemv_rows, fuse_norm=True, fuse_norm_rows=norm_rows))
     batch = build_batch(StepPlan((SeqWork(0, (5, 9, 200), 0, sample=True),)), "cpu")  # 3 rows
-    want = make_model(TritonOps(0, fuse_norm=False))
-    want.ops._moe_forward = None
+    want = make_model(TritonOps(gemv_rows, fuse_norm=False))
     assert torch.equal(model.hidden(batch), want.hidden(batch))
-    assert fused == []
+    assert calls == {"gemv": 0, "moe": LAYERS if moe_fuses else 0}
 
 
 def test_exact_norm_scales_reach_the_gemv_in_the_activation_dtype(
@@ -125,7 +141,7 @@ def test_exact_norm_scales_reach_the_gemv_in_the_activation_dtype(
     inexact.attn_norm = inexact.attn_norm.half().float() + 2**-20
     ops = TritonOps(8, fuse_norm=True)
     ops.prepare(weights)
-    assert ops._scales[id(exact.attn_norm)].dtype == torch.float16
+    assert ops._scales[id(exact.attn_norm)][1].dtype == torch.float16
     assert id(inexact.attn_norm) not in ops._scales
     seen = []
     monkeypatch.setattr(ot, "norm_linear_small", lambda x, r, scale, *a: seen.append(scale.dtype))
