@@ -156,8 +156,22 @@ def test_norm_prologue_allocates_a_fresh_residual_only_with_a_residual() -> None
     assert norm_prologue(x, None, scale, EPS).new_residual(x) is x
     p = norm_prologue(x, r, scale, EPS)
     assert p.resid_out is not None and p.new_residual(x) is p.resid_out
-    y, s = rmsnorm_ref(x, scale, EPS, r)
-    assert y.dtype == x.dtype and s.shape == x.shape
+    out = p.resid_out
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.data_ptr() not in (x.data_ptr(), r.data_ptr())
+
+
+@pytest.mark.parametrize("n", [0, 5])
+@pytest.mark.parametrize("k", [0, 64])
+def test_degenerate_shapes_still_write_the_new_residual(n: int, k: int) -> None:
+    """No output columns or no K: nothing for the kernel to do, but the caller still reads the
+    residual stream (the add) from resid_out."""
+    x, r, scale = rows(2, k, torch.float32, seed=3)
+    w, b = projection(n, k, torch.float32, seed=3)
+    y, s = norm_linear_small(x, r, scale, EPS, w, b)
+    assert y.shape == (2, n) and torch.equal(s, rmsnorm_ref(x, scale, EPS, r)[1])
+    if k == 0:
+        assert torch.equal(y, b.expand(2, n))
 
 
 @pytest.mark.gpu
