@@ -1,9 +1,11 @@
 """Diagnostic: run the tiny model with every op computed by both backends, print each op's error.
 
-    python -m bench.diag_ops [--dtype bfloat16]     (GPTOSS_FUSE_NORM=1: the fused norms' side)
+    python -m bench.diag_ops [--dtype bfloat16]
 
 Each op runs TorchOps and TritonOps on the same inputs (caches cloned for the Triton side) and the
-torch result flows on, so the first op that disagrees stands out.
+torch result flows on, so the first op that disagrees stands out. The Triton side has TritonOps'
+defaults: the norms fused into the qkv GEMV and the router up to 2 rows (GPTOSS_FUSE_NORM=0: the
+standalone norms).
 """
 
 from __future__ import annotations

@@ -131,9 +131,11 @@ DEFAULT = CANDIDATES["fma_n4_k1024_w4"]
 
 
 def choose_tiles(m: int, n: int, k: int) -> GemvDenseTiles:
-    """The tile config for an [m, k] × [n, k]ᵀ projection. A guess before the H100 timings of
-    bench/dense_gemv.py: DEFAULT while its whole grid fits the SMs at once (small M, few
-    registers), the register double buffer once M's accumulators crowd programs out."""
+    """The tile config for an [m, k] × [n, k]ᵀ projection: DEFAULT while its whole grid fits the
+    SMs at once (small M, few registers), the register double buffer once M's accumulators crowd
+    programs out. H100, run 45 (bench.dense_gemv, notes/gpu-runs.md): at M ≤ 2 DEFAULT is within
+    0.4 µs of the best candidate on qkv and out; at M = 8 cuBLAS wins, which is why the runtime
+    takes this kernel only up to TritonOps.DENSE_GEMV_ROWS = 2 rows."""
     del n, k  # gpt-oss's projections are all of one kind: 2880 / 4096 wide, 2880–5120 rows
     return DEFAULT if m <= 2 else CANDIDATES["fma_n4_k1024_w4_pf"]
 
