@@ -169,6 +169,7 @@ def gpu_engine(monkeypatch: pytest.MonkeyPatch, fuse: bool, **kw):  # noqa: ANN2
 
     monkeypatch.setenv("GPTOSS_FUSE_NORM", "1" if fuse else "0")
     monkeypatch.setenv("GPTOSS_DENSE_GEMV_ROWS", "8")
+    monkeypatch.setenv("GPTOSS_FUSE_NORM_ROWS", "8")  # the fused kernels at every row count tested
     cfg = dict(device="cuda", dtype="bfloat16", max_slots=8, max_context=1024,
                max_chunk_tokens=256, kernels="triton", cuda_graphs=False)
     cfg.update(kw)
