@@ -139,7 +139,7 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
                 M_P=c(16 if t.dot else m_p), BLOCK_N=c(t.block_n),
                 BLOCK_K=c(t.block_k), VEC=c(8), HAS_BIAS=c(True), EVEN_K=c(2880 % t.block_k == 0),
                 DOT=c(t.dot), PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None),
-                NORM=c(False), HAS_RES=c(False), BLOCK_ROW=c(1), PDL=c(False), SECTORS=c(1)),
+                NORM=c(False), HAS_RES=c(False), BLOCK_ROW=c(1), PDL=c(False), SECTORS=c(0)),
                 t.num_warps, t.num_stages))
     # programmatic dependent launch: the weight-row L2 prefetch before griddepcontrol.wait
     t = gemv.DEFAULT

@@ -46,7 +46,7 @@ def dense(m: int, norm: bool, res: bool, scale: str = "fp32"
         M_P=c(16 if t.dot else m), BLOCK_N=c(t.block_n), BLOCK_K=c(t.block_k), VEC=c(8),
         HAS_BIAS=c(True), EVEN_K=c(HID % t.block_k == 0), DOT=c(t.dot),
         PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None), NORM=c(norm),
-        HAS_RES=c(res), BLOCK_ROW=c(row_block(HID) if norm else 1), PDL=c(False), SECTORS=c(1)), t
+        HAS_RES=c(res), BLOCK_ROW=c(row_block(HID) if norm else 1), PDL=c(False), SECTORS=c(0)), t
 
 
 def router_args(t: int, e: int, norm: bool, res: bool) -> tuple[dict, int]:

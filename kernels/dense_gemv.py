@@ -166,7 +166,7 @@ def _dense_gemv_kernel(
     M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr,
     PRECISION: tl.constexpr, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-    BLOCK_ROW: tl.constexpr = 1, PDL: tl.constexpr = False, SECTORS: tl.constexpr = 1,
+    BLOCK_ROW: tl.constexpr = 1, PDL: tl.constexpr = False, SECTORS: tl.constexpr = 0,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     w_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # clamped: unmasked row loads

@@ -215,7 +215,7 @@ def _gemv2_kernel(
     EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
     EMULATE: tl.constexpr, PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False,
-    SECTORS: tl.constexpr = 1,
+    SECTORS: tl.constexpr = 0,
 ):
     """One (pair, K split, block of BLOCK_N rows) → part[split, pair, rows] (fp32, no bias).
     PDL: before the wait, this program's code bytes into L2 while GEMM 1 runs; the experts were

@@ -17,8 +17,11 @@ i's outputs; it must write nothing. The GEMVs use it to pull their weight rows i
 instead of after a launch and a round trip. griddepcontrol.wait returns at once when the
 predecessor was not launched with PDL (cuBLAS, torch kernels), so mixing is safe.
 
-Off by default until timed on the H100 (bench.decode with GPTOSS_PDL=1); the interpreter and
-CPU tensors never use it (the instructions are PTX).
+Off by default: measured slower (H100, run 47, notes/gpu-runs.md): batch-1 decode at 4k 2.340 →
+2.490 ms per step, 32k 2.558 → 2.763, batch 8 6.28 → 6.56. GPTOSS_PDL=1 turns it on for
+further experiments; GPTOSS_PDL_PREFETCH=0 keeps PDL without the weight prefetch (not yet timed:
+whether the evict_last prefetches or the early launches cost the time is open). The interpreter
+and CPU tensors never use it (the instructions are PTX).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from kernels.jit import KernelSet, interpret_forced
 
 ENV = "GPTOSS_PDL"
+PREFETCH_ENV = "GPTOSS_PDL_PREFETCH"
 DEFAULT = False
 _override: list[bool] = []  # set_enabled's value, when set (tests, benches)
 
@@ -54,11 +58,12 @@ def set_enabled(on: bool | None) -> None:
 def launch_args(device: torch.device, row_bytes: int | None = None) -> dict:
     """The launch keywords of a PDL-capable kernel: its PDL constexpr and Triton's launch_pdl
     (programmatic stream serialization), both off in the interpreter and on CPU tensors; with
-    row_bytes, also prefetch_rows' SECTORS (1 when off: no extra compiled variants)."""
+    row_bytes, also prefetch_rows' SECTORS (0 = no prefetch: PDL off, or GPTOSS_PDL_PREFETCH=0)."""
     on = enabled() and device.type == "cuda" and not interpret_forced()
     args = {"PDL": on, "launch_pdl": on}
     if row_bytes is not None:
-        args["SECTORS"] = sectors(row_bytes) if on else 1
+        prefetch = os.environ.get(PREFETCH_ENV, "1").strip().lower() in ("1", "true", "on")
+        args["SECTORS"] = sectors(row_bytes) if on and prefetch else 0
     return args
 
 
@@ -73,8 +78,8 @@ def prefetch_rows(row_ptrs, row_len, SECTORS: tl.constexpr, PDL: tl.constexpr):
     """Ask L2 for row_len elements from each of row_ptrs [R] (every row's first element, in
     bounds): SECTORS 32-byte sectors per row (a power of two ≥ the row's sectors, see
     `sectors`; those past a row's end repeat its last element: never out of bounds). A hint:
-    no effect on results; nothing without PDL."""
-    if PDL:
+    no effect on results; nothing without PDL or with SECTORS = 0."""
+    if PDL and SECTORS > 0:
         EL: tl.constexpr = 32 // (row_ptrs.dtype.element_ty.primitive_bitwidth // 8)
         e = tl.minimum(tl.arange(0, SECTORS) * EL, row_len - 1)  # [SECTORS]
         ptr = row_ptrs[:, None] + e[None, :]  # [R, SECTORS]
