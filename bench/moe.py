@@ -201,7 +201,7 @@ def run_shape(shape: str, tokens_list: list[int], sweep: bool, bw: float, rate: 
     else:
         cfg = ModelConfig(num_hidden_layers=LAYERS, num_experts=SHAPES[shape])
     layers = [random_layer(cfg, j, seed=1, device=on, dtype=dtype) for j in range(LAYERS)]
-    prepared = [prepare_moe(la) for la in layers]
+    prepared = [prepare_moe(la, scale_words=sweep) for la in layers]  # sweep: words too
     tk = prepare_triton_kernels(layers) if compare_tk else None
     lines = []
     for t in tokens_list:

@@ -33,7 +33,11 @@ from kernels.moe_configs import (
     PREFILL_CANDIDATES,
     MoEConfig,
 )
-from kernels.moe_configs_gemv import GEMV2_CANDIDATES, GEMV_WAVE_CANDIDATES
+from kernels.moe_configs_gemv import (
+    GEMV2_CANDIDATES,
+    GEMV_SCALEWORD_CANDIDATES,
+    GEMV_WAVE_CANDIDATES,
+)
 from kernels.moe_configs_latency import LATENCY_CANDIDATES
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -140,27 +144,29 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                 TOPK=K_TOP, COMBINE_T=8), t
 
 
-def gemv_args(which: int, dequant: str = "exact") -> dict[str, object]:
+def gemv_args(which: int, dequant: str = "exact", scale_words: bool = False) -> dict[str, object]:
     """Runtime arguments of the GEMV kernels (lower-case sizes: not specialized as constants,
     as at a real launch); scales groups-major unless --row-scales. bf16 activations: the fast
-    steps read x and act pre-split in fp32 ("f32") or fp16 ("f16")."""
+    steps read x and act pre-split in fp32 ("f32") or fp16 ("f16"); scale_words: exponents as
+    int32 words of 4 groups, words-major (kernels/moe_gemv_scales.py)."""
     deq = gemv._DEQ[dequant]
     xs = {0: "*bf16", 1: "*fp32", 2: "*i64"}[deq]  # f16: 4 fp16 per int64
     w, words = ("*i32", 4) if deq == 2 else ("*u8", 1)  # f16: int32 code words (4 per word)
     fast = dict(DEQ=deq, EMULATE=False)
+    s_type, per = ("*i32", 4) if scale_words else ("*u8", 1)  # scale words: 4 groups each
     if which == 1:
-        g1 = HID // 32
+        g1 = -(-HID // 32 // per)
         sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)
         return dict(fast, X="*bf16", XS=xs, stride_x=HID // words, W=w,
                     stride_we=INTER * HID // words, stride_wn=HID // 2 // words,
-                    S="*u8", stride_se=2 * INTER * g1, stride_sn=sn, stride_sg=sg, B="*fp32",
+                    S=s_type, stride_se=2 * INTER * g1, stride_sn=sn, stride_sg=sg, B="*fp32",
                     stride_be=2 * INTER, EXPERTS="*i32", ACT="*fp16" if deq == 2 else xs,
                     stride_a=INTER,
                     n2=2 * INTER, k_dim=HID, n_pairs=4, alpha=1.702, limit=7.0, TOPK=K_TOP)
-    g2 = INTER // 32
+    g2 = -(-INTER // 32 // per)
     sn, sg = (g2, 1) if ROW_SCALES else (1, HID)
     return dict(fast, A=xs, stride_a=INTER // words, W=w,
-                stride_we=HID * INTER // 2 // words, stride_wn=INTER // 2 // words, S="*u8",
+                stride_we=HID * INTER // 2 // words, stride_wn=INTER // 2 // words, S=s_type,
                 stride_se=HID * g2, stride_sn=sn, stride_sg=sg,
                 EXPERTS="*i32", PART="*fp32", stride_ps=4 * HID, stride_pp=HID, n_rows=HID,
                 k_dim=INTER, n_pairs=4, k_per_split=INTER // 2)
@@ -171,7 +177,7 @@ def report_gemv(name: str, mc: MoEConfig, sass_dir: Path | None) -> None:
     fuse = mc.gemv.fuse_combine
     for which, kname, t in ((1, "_gemv1_swiglu_kernel", mc.gemv.gemm1),
                             (2, "_gemv2_fused_kernel" if fuse else "_gemv2_kernel", mc.gemv.gemm2)):
-        a = dict(gemv_args(which, t.dequant), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        a = dict(gemv_args(which, t.dequant, t.scale_words), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                  PREFETCH=3 if t.async_copy else t.prefetch)
         if PDL:  # kernels/pdl.py: GEMM 2 prefetches its code rows (720 B: 32 sectors)
             a.update(PDL=True, **({"SECTORS": 32} if which == 2 and not fuse else {}))
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ROW_SCALES, PDL = args.row_scales, args.pdl
     # (GEMV_SPLIT_CANDIDATES are not here: their GEMM 1 is kernels/moe_gemv_split.py's.)
     configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES, **DECODE_CANDIDATES,
-               **PREFILL_CANDIDATES, **LATENCY_CANDIDATES}
+               **PREFILL_CANDIDATES, **LATENCY_CANDIDATES, **GEMV_SCALEWORD_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():

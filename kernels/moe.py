@@ -35,6 +35,7 @@ from kernels.moe_configs import (
 )
 from kernels.moe_gemm import combine, gemm1_swiglu, gemm2_scale
 from kernels.moe_gemv import GEMV_MAX_SCALE, moe_gemv, presplit_dtype
+from kernels.moe_gemv_scales import scale_words as gemv_scale_words
 from kernels.moe_ref import moe_ref
 from kernels.moe_router import fits, norm_fits, route_fused
 from kernels.moe_routing import RoutingPlan, route
@@ -62,6 +63,10 @@ class MoEPrepared:
     aligned: bool = True
     # GEMM 2's per-N-block arrival counters for the fused combine; kernels leave them at zero.
     counters: torch.Tensor | None = None
+    # The exponents as int32 words of 4 groups (kernels/moe_gemv_scales.py), for GEMV tiles with
+    # scale_words; built only when asked (prepare_moe(..., scale_words=True)).
+    sw1: torch.Tensor | None = None  # [E, 2I, ⌈H/128⌉] int32, [E, ⌈H/128⌉, 2I] storage
+    sw2: torch.Tensor | None = None  # [E, H, ⌈I/128⌉] int32
 
 
 FAST_MAX_SCALE = 136
@@ -88,13 +93,14 @@ def groups_major(scales: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_moe(layer: LayerWeights, check_scales: bool = True,
-                relayout_layer: bool = True) -> MoEPrepared:
+                relayout_layer: bool = True, scale_words: bool = False) -> MoEPrepared:
     """Called once at load. Codes stay in the checkpoint layout (each output row's K/2 bytes
     contiguous: what the kernels read best) and are only viewed; exponents are re-laid out
     groups-major (groups_major). relayout_layer: the layer's own mlp*_scales become those
     views too (same values, other strides), so no second copy stays alive.
     check_scales: one host sync to rule out weights the fp16 fast path cannot hold (|w| ≥ 2¹⁰);
-    without it (e.g. inside a CUDA graph capture) the fast path is assumed safe."""
+    without it (e.g. inside a CUDA graph capture) the fast path is assumed safe.
+    scale_words: also the exponents as words (GemvTiles.scale_words; 1/32 of the codes more)."""
     w1, s1 = _mxfp4_view(layer.mlp1_blocks, layer.mlp1_scales, "mlp1")
     w2, s2 = _mxfp4_view(layer.mlp2_blocks, layer.mlp2_scales, "mlp2")
     if relayout_layer:
@@ -110,6 +116,8 @@ def prepare_moe(layer: LayerWeights, check_scales: bool = True,
         aligned=all(w.data_ptr() % 16 == 0 and w.stride(0) % 16 == 0 and w.stride(1) % 16 == 0
                     for w in (w1, w2)),
         counters=torch.zeros(COUNTERS, dtype=torch.int32, device=w1.device),
+        sw1=gemv_scale_words(s1) if scale_words else None,
+        sw2=gemv_scale_words(s2) if scale_words else None,
     )
 
 
@@ -127,8 +135,9 @@ def moe_experts(x: torch.Tensor, plan: RoutingPlan, prepared: MoEPrepared, top_k
     already pre-split for the GEMV path (route_fused's xs_out), or None."""
     p = prepared
     if cfg.gemv is not None and p.gemv_ok:
+        words = None if p.sw1 is None or p.sw2 is None else (p.sw1, p.sw2)
         return moe_gemv(x, plan.experts, plan.weights, p.w1, p.s1, p.b1, p.w2, p.s2, p.b2,
-                        cfg.gemv, alpha, limit, counters=p.counters, xs=xs)
+                        cfg.gemv, alpha, limit, counters=p.counters, xs=xs, scale_words=words)
     fast = cfg.fast and p.fast_ok and x.dtype in (torch.float16, torch.bfloat16)
     pdl = cfg.pdl
     act = gemm1_swiglu(x, p.w1, p.s1, p.b1, plan, top_k, alpha, limit, cfg.gemm1, fast, pdl)
@@ -201,10 +210,12 @@ def _setup(x: torch.Tensor, layer: LayerWeights, config: ModelConfig,
     """The layer's prepared weights and the MoE config for x [T, H]."""
     if x.dim() != 2 or x.shape[1] != config.hidden_size:
         raise ValueError(f"{who}: x must be [T, {config.hidden_size}], got {tuple(x.shape)}")
+    cfg = moe_config or choose_config(x.shape[0], config.experts_per_token, config.num_experts)
     if prepared is None:  # prepare at load instead: this copies the exponents on every call
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        prepared = prepare_moe(layer, check_scales=not capturing, relayout_layer=False)
-    cfg = moe_config or choose_config(x.shape[0], config.experts_per_token, config.num_experts)
+        words = cfg.gemv is not None and (cfg.gemv.gemm1.scale_words or cfg.gemv.gemm2.scale_words)
+        prepared = prepare_moe(layer, check_scales=not capturing, relayout_layer=False,
+                               scale_words=words)
     if cfg.gemv is None and cfg.block_m > 32 and x.dtype == torch.float32 and x.is_cuda:
         # fp32 activations double the larger tiles' shared memory, past the H100's 227 KB for
         # the k256 tiles (273 KB measured); the 32-row tiles were measured to fit.

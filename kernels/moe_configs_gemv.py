@@ -78,3 +78,22 @@ GEMV_SPLIT_CANDIDATES: dict[str, MoEConfig] = {
     # 1440 × 3 steps of 8 KB (2 whole + 13 groups) at 4 per SM: 2.73 waves
     "g4_n32k512s2": _split(32, 512, 2),
 }
+
+
+def _words(n: int, k: int, dequant: str, warps: int = 4) -> MoEConfig:
+    """GEMV_FAST's launches (fused router, GEMM 2 split 2) with the exponents read as words."""
+    opts = dict(num_warps=warps, dequant=dequant, scale_words=True)
+    return replace(GEMV_FAST, gemv=GemvConfig(GemvTiles(n, k, **opts),
+                                              GemvTiles(n, k, split_k=2, **opts)))
+
+
+# Scale words (kernels/moe_gemv_scales.py; notes/moe.md "Scale words"): each row's exponents of
+# 4 groups as one int32, loaded before the step's codes, so no step waits on a second, late
+# byte load (the f16 step's ~115 instructions in). Same bits as the byte layout. Needs
+# prepare_moe(..., scale_words=True) (bench.moe --sweep prepares them).
+GEMV_SCALEWORD_CANDIDATES: dict[str, MoEConfig] = {
+    "g5_n32k256f32w": _words(32, 256, "f32"),  # today's default + words
+    "g5_n32k256f16w": _words(32, 256, "f16"),  # the f16 step + words
+    "g5_n16k512f32w": _words(16, 512, "f32"),
+    "g5_n16k512f16w": _words(16, 512, "f16"),
+}

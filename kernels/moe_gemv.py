@@ -48,7 +48,9 @@ class GemvTiles:
     "f16" multiplies in fp16 and is used only for fp16/bf16 activations, "f32" otherwise).
     prefetch: 0 (today's loop) or 1/2: the fast step's loads that many steps ahead of their math
     in registers; async_copy: the loop through Triton's cp.async pipeliner, num_stages buffers
-    (kernels/moe_gemv_pipe.py; both give today's bits)."""
+    (kernels/moe_gemv_pipe.py; both give today's bits). scale_words: the fast step reads the
+    exponents as int32 words of 4 groups (kernels/moe_gemv_scales.py; moe_gemv's scale_words),
+    loaded before the step's codes: the same bits."""
 
     block_n: int
     block_k: int
@@ -58,6 +60,7 @@ class GemvTiles:
     dequant: str = "exact"
     prefetch: int = 0
     async_copy: bool = False
+    scale_words: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -72,6 +75,8 @@ class GemvTiles:
                 or ((self.prefetch or self.async_copy) and self.dequant == "exact")):
             raise ValueError(f"GemvTiles: prefetch 0, 1 or 2 or async_copy, only for the fast "
                              f"steps: {self}")
+        if self.scale_words and self.dequant == "exact":
+            raise ValueError(f"GemvTiles: scale_words only for the fast steps: {self}")
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ def moe_gemv(
     cfg: GemvConfig, alpha: float = 1.702, limit: float = 7.0,
     counters: torch.Tensor | None = None,  # [≥ H / block_n] int32 zeros (cfg.fuse_combine)
     xs: torch.Tensor | None = None,  # [T, H] x already pre-split in the fast step's math dtype
+    scale_words: tuple[torch.Tensor, torch.Tensor] | None = None,  # scale_words(s1), (s2)
 ) -> torch.Tensor:
     """The experts of a routed batch by GEMVs: → [T, H] in x's dtype (kernels/moe_ref.experts_ref).
     Three launches (GEMM 1 + swiglu, GEMM 2 partials, combine; two with cfg.fuse_combine, one
@@ -153,7 +159,9 @@ def moe_gemv(
     arrival counters, left at zero (e.g. prepare_moe's; its last entry, the fused router's, is
     not used); None: a zeroed buffer per device kept here (one stream at a time).
     xs: presplit(x, math dtype) when the caller has it already (the fused router writes it,
-    kernels/moe_router.route_fused); ignored by the exact step, which reads x itself."""
+    kernels/moe_router.route_fused); ignored by the exact step, which reads x itself.
+    scale_words: (scale_words(s1), scale_words(s2)) (kernels/moe_gemv_scales.py), read instead
+    of s1 / s2 by the GEMMs whose tiles ask for them (GemvTiles.scale_words)."""
     t, h = x.shape
     top_k = experts.shape[1]
     n2, inter = w1.shape[1], w2.shape[2] * 2
@@ -168,6 +176,7 @@ def moe_gemv(
         raise ValueError("moe_gemv: GEMM 1 needs an even block_n (gate/linear pairs)")
     if cfg.gemm1.dequant != cfg.gemm2.dequant:
         raise ValueError("moe_gemv: both GEMMs need the same dequant (act's layout depends on it)")
+    s1, s2 = _scales(cfg, s1, s2, scale_words)
     out = torch.empty_like(x)
     pairs = t * top_k
     if pairs == 0:
@@ -245,6 +254,26 @@ def gemv1_swiglu(
     jit["_swiglu_sum_kernel"][(pairs * triton.cdiv(n2 // 2, block_c),)](
         x, part, part.stride(0), part.stride(1), ex, b1, b1.stride(0), act, act.stride(0), n2,
         pairs, float(alpha), float(limit), SPLIT_K=split, BLOCK_C=block_c, DEQ=deq, num_warps=4)
+
+
+def _scales(cfg: GemvConfig, s1: torch.Tensor, s2: torch.Tensor,
+            words: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponents each GEMM reads: its bytes, or its words where its tiles ask for them (the
+    kernels tell the two apart by dtype)."""
+    if not (cfg.gemm1.scale_words or cfg.gemm2.scale_words):
+        return s1, s2
+    if words is None:
+        raise ValueError("moe_gemv: these tiles read scale words: pass scale_words= "
+                         "(prepare_moe(..., scale_words=True) builds them)")
+    out = []
+    for tiles, s, w in ((cfg.gemm1, s1, words[0]), (cfg.gemm2, s2, words[1])):
+        g4 = -(-s.shape[2] // 4)
+        if w.dtype != torch.int32 or tuple(w.shape) != (*s.shape[:2], g4) or w.stride(1) != 1:
+            raise ValueError(f"moe_gemv: scale words must be int32 {(*s.shape[:2], g4)} "
+                             f"words-major (kernels/moe_gemv_scales.py), got {w.dtype} "
+                             f"{tuple(w.shape)} strides {w.stride()}")
+        out.append(w if tiles.scale_words else s)
+    return out[0], out[1]
 
 
 _OWN_COUNTERS: dict[torch.device, torch.Tensor] = {}

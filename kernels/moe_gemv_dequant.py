@@ -33,6 +33,21 @@ F32: tl.constexpr = tl.constexpr(1)
 F16: tl.constexpr = tl.constexpr(2)
 
 
+def _load_scales(S, s_rows, stride_sg, g, k_bound, MASK: tl.constexpr):
+    """The step's exponents [BN, NG] for the groups g of rows s_rows (S + s_rows: the rows'
+    first exponent; stride_sg: per group, or per word). S of uint8: one byte per (row, group),
+    returned as u8. S of int32 (kernels/moe_gemv_scales.py): words of 4 groups' bytes, the
+    group's byte extracted → int32 0…255. MASK: groups at or past k_bound / 32 read as 0."""
+    mask = (g < k_bound // 32)[None, :] if MASK else None
+    other = 0 if MASK else None
+    if S.dtype.element_ty == tl.int32:
+        ptr = S + s_rows[:, None] + (g // 4)[None, :] * stride_sg  # [BN, NG] (4 groups share)
+        sc = (tl.load(ptr, mask=mask, other=other) >> ((g % 4) * 8)[None, :]) & 0xFF
+    else:
+        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg, mask=mask, other=other)  # u8
+    return sc
+
+
 def _load_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_bound,
               BLOCK_K: tl.constexpr, MASK: tl.constexpr):
     """One step's raw operands for _math_f32: codes [BN, NG, 16] u8, scale bytes [BN, NG], x's
@@ -42,15 +57,20 @@ def _load_f32(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_bound,
     i = tl.arange(0, 16)
     byte = g[None, :, None] * 16 + i[None, None, :]  # [1, NG, 16]
     xoff = x_row + g[:, None] * 32 + i[None, :]  # [NG, 16]: byte i's low nibble (k = 2i)
+    WORDS: tl.constexpr = S.dtype.element_ty == tl.int32  # scale words: issued first
+    if WORDS:
+        sc = _load_scales(S, s_rows, stride_sg, g, k_bound, MASK)  # [BN, NG]
     if MASK:
         gm = g < k_bound // 32
         codes = tl.load(W + w_rows[:, None, None] + byte, mask=gm[None, :, None], other=0)
-        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg, mask=gm[None, :], other=0)
+        if not WORDS:
+            sc = _load_scales(S, s_rows, stride_sg, g, k_bound, MASK)
         xe = tl.load(XS + xoff, mask=gm[:, None], other=0.0)
         xo = tl.load(XS + xoff + 16, mask=gm[:, None], other=0.0)
     else:
         codes = tl.load(W + w_rows[:, None, None] + byte)  # [BN, NG, 16] u8
-        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg)  # [BN, NG] u8
+        if not WORDS:
+            sc = _load_scales(S, s_rows, stride_sg, g, k_bound, MASK)
         xe = tl.load(XS + xoff)  # [NG, 16]: x[32g + 2i]
         xo = tl.load(XS + xoff + 16)  # x[32g + 2i + 1]
     return codes, sc, xe, xo
@@ -150,15 +170,20 @@ def _load_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_bound,
     q = tl.arange(0, 4)
     wp = W + w_rows[:, None, None] + g[None, :, None] * 4 + q[None, None, :]  # [BN, NG, 4]
     xp = XS + x_row + g[:, None] * 8 + q[None, :]  # [NG, 4]: 16 even k, then 16 odd k at + 4
+    WORDS: tl.constexpr = S.dtype.element_ty == tl.int32  # scale words: issued first
+    if WORDS:
+        sc = _load_scales(S, s_rows, stride_sg, g, k_bound, MASK)  # [BN, NG]
     if MASK:
         gm = g < k_bound // 32
         words = tl.load(wp, mask=gm[None, :, None], other=0)
-        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg, mask=gm[None, :], other=0)
+        if not WORDS:
+            sc = _load_scales(S, s_rows, stride_sg, g, k_bound, MASK)
         xe = tl.load(xp, mask=gm[:, None], other=0)
         xo = tl.load(xp + 4, mask=gm[:, None], other=0)
     else:
         words = tl.load(wp)
-        sc = tl.load(S + s_rows[:, None] + g[None, :] * stride_sg)  # [BN, NG] u8
+        if not WORDS:
+            sc = _load_scales(S, s_rows, stride_sg, g, k_bound, MASK)
         xe = tl.load(xp)
         xo = tl.load(xp + 4)
     return words, sc, xe, xo
@@ -199,4 +224,4 @@ def _gemv_step_f16(XS, x_row, W, w_rows, S, s_rows, stride_sg, k0, k_dim, acc,
 
 
 HELPERS = (_e2m1_x4_emulated, _fp4_f32, _e2m1_x4, _load_f32, _math_f32, _gemv_step_f32, _nib_f16,
-           _half_f16, _word_f16_emulated, _split4, _load_f16, _math_f16, _gemv_step_f16)
+           _load_scales, _half_f16, _word_f16_emulated, _split4, _load_f16, _math_f16, _gemv_step_f16)

@@ -27,6 +27,7 @@ from kernels.moe_gemv_dequant import (  # noqa: F401 - the kernels call them
     _half_f16,
     _load_f16,
     _load_f32,
+    _load_scales,
     _math_f16,
     _math_f32,
     _nib_f16,
