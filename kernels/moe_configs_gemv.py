@@ -87,9 +87,10 @@ def _words(n: int, k: int, dequant: str, warps: int = 4) -> MoEConfig:
                                               GemvTiles(n, k, split_k=2, **opts)))
 
 
-# Scale words (kernels/moe_gemv_scales.py; notes/moe.md "Scale words"): each row's exponents of
-# 4 groups as one int32, loaded before the step's codes, so no step waits on a second, late
-# byte load (the f16 step's ~115 instructions in). Same bits as the byte layout. Needs
+# Scale words (kernels/moe_gemv_scales.py; notes/moe.md "GEMV scale words"): each row's exponents
+# of 4 groups as one int32, issued before the step's codes in the PTX. Same bits as the byte
+# layout. Offline, ptxas still sinks the f16 step's word loads (and 6 of its 10 16-byte loads)
+# below the first math: these measure whether the layout alone moves anything. Needs
 # prepare_moe(..., scale_words=True) (bench.moe --sweep prepares them).
 GEMV_SCALEWORD_CANDIDATES: dict[str, MoEConfig] = {
     "g5_n32k256f32w": _words(32, 256, "f32"),  # today's default + words

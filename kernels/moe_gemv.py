@@ -50,7 +50,7 @@ class GemvTiles:
     in registers; async_copy: the loop through Triton's cp.async pipeliner, num_stages buffers
     (kernels/moe_gemv_pipe.py; both give today's bits). scale_words: the fast step reads the
     exponents as int32 words of 4 groups (kernels/moe_gemv_scales.py; moe_gemv's scale_words),
-    loaded before the step's codes: the same bits."""
+    issued before the step's codes in the PTX: the same bits."""
 
     block_n: int
     block_k: int

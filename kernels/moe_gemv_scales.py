@@ -12,8 +12,10 @@ Here each row's exponents of 4 consecutive groups are one aligned int32 word (by
 [E, G/4, N] storage, viewed [E, N, G/4], G padded to a multiple of 4 with zero bytes (never
 read: the steps mask groups ≥ K/32). The kernels tell the layouts apart by the pointer's dtype
 (int32: words; uint8: bytes), so the launchers pass one or the other through the same
-arguments; the loads themselves are issued before the step's code loads and ordered with them
-(`_load_scales`). Same bytes, same products, same order: bit-identical to the byte layout.
+arguments; the word loads come first in the step's PTX (`_load_scales`, _load_f32/_load_f16).
+Same bytes, same products, same order: bit-identical to the byte layout. Offline (sm_90a),
+ptxas still places the f16 step's word loads where it placed the bytes (notes/moe.md "GEMV
+scale words"): the PTX order does not bind its scheduler.
 Memory: 4/G·⌈G/4⌉ × the bytes (G = 90 for gpt-oss: 1.02×), kept only when a config needs it.
 """
 
