@@ -22,7 +22,8 @@ PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
 # The default stages' limits add up to 570 s (one runner command allows 600); the others
-# (tests_moe, decode_pdl, moe_pdl, timeline_pdl, access, norm_gemv) run when named in STAGES.
+# (tests_moe, decode_pdl, decode_pdl_nopf, moe_pdl, timeline_pdl, moe_sw, access, norm_gemv) run
+# when named in STAGES.
 STAGES="${STAGES:-tests,dense,moe1,decode,decode_cublas,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
@@ -71,21 +72,27 @@ GPTOSS_DENSE_GEMV_ROWS=0 stage decode_cublas 50 $PY -m bench.decode --shape 20b 
 # Programmatic dependent launch (kernels/pdl.py), same machine, same stages as decode.
 GPTOSS_PDL=1 stage decode_pdl 110 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
+GPTOSS_PDL=1 GPTOSS_PDL_PREFETCH=0 stage decode_pdl_nopf 60 $PY -m bench.decode --shape 20b \
+  --overlap --contexts 4096 --batches 1,8 --batch-context 4096
 stage moe_pdl 60 bash -c "GPTOSS_PDL=0 $PY -m bench.moe --shapes 20b --tokens 1,8 \
   && GPTOSS_PDL=1 $PY -m bench.moe --shapes 20b --tokens 1,8"
 GPTOSS_PDL=1 stage timeline_pdl 60 $PY -m bench.diag_graph_timeline --batch 1 --contexts 4096
+# GEMV scale words (kernels/moe_gemv_scales.py) beside their byte-layout controls
+stage moe_sw 60 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep --only \
+  g_n32k256f32fr,g_n32k256f16fr,g5_n32k256f32w,g5_n32k256f16w,g5_n16k512f32w,g5_n16k512f16w
 stage access 40 $PY -m bench.access_pattern
 stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
   TIME_LIMIT=30 OUT="$WORK/load" COMMIT="$GPTOSS_COMMIT" bash bench/gpu_load.sh
 
-for f in decode decode_cublas decode_pdl; do
+for f in decode decode_cublas decode_pdl decode_pdl_nopf; do
   [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
 [[ -f "$WORK/norm_gemv.log" ]] && tail -n 12 "$WORK/norm_gemv.log"
 [[ -f "$WORK/access.log" ]] && tail -n 16 "$WORK/access.log"
 [[ -f "$WORK/moe_pdl.log" ]] && grep -h -A3 "== MoE layer summary" "$WORK/moe_pdl.log"
+[[ -f "$WORK/moe_sw.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe_sw.log"
 [[ -f "$WORK/timeline_pdl.log" ]] && grep -h -A12 "^== 20b" "$WORK/timeline_pdl.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
   && grep -ho '"sweep_us": {[^}]*}' "$WORK/new-moe.jsonl"
