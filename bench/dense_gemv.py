@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +82,21 @@ def _call(
     return lambda i: linear_small(x, ws[i % len(ws)], bs[i % len(bs)], tiles)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass(frozen=True)
+class GemvBenchSetup:
+    """What the small-M GEMV benches (this one, bench/norm_gemv.py) run with: bf16 on the GPU,
+    fp32 smoke shapes on the CPU (BENCH_DEVICE=cpu)."""
+
+    gpu: bool
+    dev: str
+    dtype: torch.dtype
+    rows: list[int]
+    copies: int  # distinct weight copies rotated per call (past L2)
+    calls: int  # calls per graph replay
+
+
+def setup(argv: list[str] | None, description: str) -> GemvBenchSetup:
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--rows", default="1,2,4,8", help="batch rows M to run (≤ 8)")
     ap.add_argument("--copies", type=int, default=8, help="distinct weight copies per shape (≥ 6)")
     ap.add_argument("--calls", type=int, default=128, help="calls per graph replay (≥ 100)")
@@ -90,9 +104,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common.require_cuda()
     gpu = common.DEVICE == "cuda"
     dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
-    shapes = GPU_SHAPES if gpu else SMOKE_SHAPES
-    rows = [int(r) for r in args.rows.split(",")]
     copies, calls = (max(6, args.copies), max(100, args.calls)) if gpu else (2, 1)
+    return GemvBenchSetup(gpu, dev, dtype, [int(r) for r in args.rows.split(",")], copies, calls)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    st = setup(argv, __doc__.splitlines()[0])
+    gpu, dev, dtype, rows, copies, calls = st.gpu, st.dev, st.dtype, st.rows, st.copies, st.calls
+    shapes = GPU_SHAPES if gpu else SMOKE_SHAPES
     torch.manual_seed(0)
     bad = sorted({name for n, k in shapes.values() for name in disagreeing(n, k, rows, dev, dtype)})
     if bad:

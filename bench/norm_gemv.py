@@ -15,12 +15,10 @@ interpreted, one eager call each, nothing recorded (a smoke test of this script)
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import bench.common as common
-from bench.dense_gemv import per_call_us, rel_err
+from bench.dense_gemv import per_call_us, rel_err, setup
 from kernels.dense_gemv import CANDIDATES, choose_tiles, linear_small
 from kernels.dense_gemv_norm import norm_linear_small
 from kernels.rmsnorm import rmsnorm
@@ -71,17 +69,9 @@ def time_rows(m: int, n: int, k: int, copies: int, calls: int, dev: str, dtype: 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1,2,4,8", help="batch rows M to run (≤ 8)")
-    ap.add_argument("--copies", type=int, default=8, help="distinct weight copies (≥ 6)")
-    ap.add_argument("--calls", type=int, default=128, help="calls per graph replay (≥ 100)")
-    args = ap.parse_args(argv)
-    common.require_cuda()
-    gpu = common.DEVICE == "cuda"
-    dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    st = setup(argv, __doc__.splitlines()[0])
+    gpu, dev, dtype, rows, copies, calls = st.gpu, st.dev, st.dtype, st.rows, st.copies, st.calls
     n, k = (5120, 2880) if gpu else (37, 200)
-    rows = [int(v) for v in args.rows.split(",")]
-    copies, calls = (max(6, args.copies), max(100, args.calls)) if gpu else (2, 1)
     torch.manual_seed(0)
     for m in rows:
         bad = check(m, n, k, dev, dtype)
