@@ -35,6 +35,7 @@ from kernels.moe_configs import (
 )
 from kernels.moe_configs_gemv import (
     GEMV2_CANDIDATES,
+    GEMV_LOADSFIRST_CANDIDATES,
     GEMV_SCALEWORD_CANDIDATES,
     GEMV_WAVE_CANDIDATES,
 )
@@ -83,11 +84,28 @@ def loop_body(sass: str) -> tuple[int, Counter]:
         at, target = int(m.group(1), 16), int(m.group(2), 16)
         if target < at and at - target > best[0]:
             best = (at - target, target, at)
+    _LOOP[:] = best[1:]
     ops: Counter = Counter()
     for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass):
         if best[1] <= int(m.group(1), 16) <= best[2]:
             ops[m.group(2)] += 1
     return sum(ops.values()), ops
+
+
+def placement(sass: str) -> str:
+    """Where the main loop issues its loads: the first math instruction (F2FP/HFMA2/FFMA) from
+    the loop's top, and how many 16-byte global loads come after it ("late": the step then
+    waits on more than one dependent DRAM round trip)."""
+    ops = [m.group(2) for m in re.finditer(
+        r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
+        if _LOOP[0] <= int(m.group(1), 16) <= _LOOP[1]]
+    first = next((i for i, o in enumerate(ops) if o.split(".")[0] in ("F2FP", "HFMA2", "FFMA")),
+                 len(ops))
+    wide = [i for i, o in enumerate(ops) if o.startswith("LDG") and ".128" in o]
+    return f"math@{first} late128={sum(i > first for i in wide)}/{len(wide)} "
+
+
+_LOOP = [0, 0]  # the last loop_body's byte range
 
 
 def report(kernel, label: str, sass_dir: Path | None, loop_bytes: int = 0) -> str:
@@ -112,6 +130,7 @@ def report(kernel, label: str, sass_dir: Path | None, loop_bytes: int = 0) -> st
         n_loop, loop_ops = loop_body(sass)
         threads = kernel.metadata.num_warps * 32
         per_byte = f"loop={n_loop:>4} instr/B={n_loop * threads / loop_bytes:5.2f} "
+        per_byte += placement(sass)
         counts = " ".join(f"{op}={loop_ops[op]}" for op in SASS_OPS if loop_ops[op])
     return (f"{label:<24} regs={regs.group(1) if regs else '?':>3} "
             f"spill={spill.group(1) if spill else '?':>4} smem={kernel.metadata.shared:>6} "
@@ -178,7 +197,7 @@ def report_gemv(name: str, mc: MoEConfig, sass_dir: Path | None) -> None:
     for which, kname, t in ((1, "_gemv1_swiglu_kernel", mc.gemv.gemm1),
                             (2, "_gemv2_fused_kernel" if fuse else "_gemv2_kernel", mc.gemv.gemm2)):
         a = dict(gemv_args(which, t.dequant, t.scale_words), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-                 PREFETCH=3 if t.async_copy else t.prefetch)
+                 PREFETCH=3 if t.async_copy else 4 if t.loads_first else t.prefetch)
         if PDL:  # kernels/pdl.py: GEMM 2 prefetches its code rows (720 B: 32 sectors)
             a.update(PDL=True, **({"SECTORS": 32} if which == 2 and not fuse else {}))
         if which == 2:
@@ -211,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     ROW_SCALES, PDL = args.row_scales, args.pdl
     # (GEMV_SPLIT_CANDIDATES are not here: their GEMM 1 is kernels/moe_gemv_split.py's.)
     configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES, **DECODE_CANDIDATES,
-               **PREFILL_CANDIDATES, **LATENCY_CANDIDATES, **GEMV_SCALEWORD_CANDIDATES}
+               **PREFILL_CANDIDATES, **LATENCY_CANDIDATES, **GEMV_SCALEWORD_CANDIDATES,
+               **GEMV_LOADSFIRST_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():

@@ -176,6 +176,7 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
     if tokens * top_k <= 2 * GEMV_MAX_PAIRS:  # measured a little past the default cut-over
         from kernels.moe_configs_gemv import (  # loads ahead, fused combine; wave shapes
             GEMV2_CANDIDATES,
+            GEMV_LOADSFIRST_CANDIDATES,
             GEMV_SCALEWORD_CANDIDATES,
             GEMV_SPLIT_CANDIDATES,
             GEMV_WAVE_CANDIDATES,
@@ -186,6 +187,7 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         out.update(GEMV_WAVE_CANDIDATES)
         out.update(GEMV_SPLIT_CANDIDATES)
         out.update(GEMV_SCALEWORD_CANDIDATES)
+        out.update(GEMV_LOADSFIRST_CANDIDATES)
     if rows <= 32:
         out.update(DECODE_CANDIDATES)
     if rows >= 4:

@@ -98,3 +98,21 @@ GEMV_SCALEWORD_CANDIDATES: dict[str, MoEConfig] = {
     "g5_n16k512f32w": _words(16, 512, "f32"),
     "g5_n16k512f16w": _words(16, 512, "f16"),
 }
+
+
+def _first(n: int, k: int, fuse: bool = False, words: bool = False) -> MoEConfig:
+    """GEMV_FAST's launches (fused router, GEMM 2 split 2) with the f16 step's loads all issued
+    before its first math (GemvTiles.loads_first, kernels/moe_gemv_fence.py)."""
+    opts = dict(dequant="f16", loads_first=True, scale_words=words)
+    return replace(GEMV_FAST, gemv=GemvConfig(GemvTiles(n, k, **opts),
+                                              GemvTiles(n, k, split_k=2, **opts),
+                                              fuse_combine=fuse))
+
+
+# The f16 step waiting once per step (notes/moe.md "GEMV loads first"): same bits as "f16".
+# Needs prepare_moe(..., scale_words=True) for the "w" one (bench.moe --sweep prepares them).
+GEMV_LOADSFIRST_CANDIDATES: dict[str, MoEConfig] = {
+    "g6_n32k256f16b": _first(32, 256),  # g_n32k256f16fr with the loads first
+    "g6_n32k256f16bw": _first(32, 256, words=True),  # + scale words
+    "g6_n32k256f16bc": _first(32, 256, fuse=True),  # + the combine folded into GEMM 2
+}

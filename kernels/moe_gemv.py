@@ -30,6 +30,7 @@ import triton
 from kernels import pdl
 from kernels.moe_gemm import compiled
 from kernels.moe_gemv_dequant import F16, F32
+from kernels.moe_gemv_fence import PF_FENCE
 from kernels.moe_gemv_kernels import GEMV_MAX_SCALE, jit
 from kernels.moe_gemv_pipe import PF_ASYNC
 from kernels.moe_gemv_split import SPLIT_K1_MAX
@@ -50,7 +51,9 @@ class GemvTiles:
     in registers; async_copy: the loop through Triton's cp.async pipeliner, num_stages buffers
     (kernels/moe_gemv_pipe.py; both give today's bits). scale_words: the fast step reads the
     exponents as int32 words of 4 groups (kernels/moe_gemv_scales.py; moe_gemv's scale_words),
-    issued before the step's codes in the PTX: the same bits."""
+    issued before the step's codes in the PTX: the same bits. loads_first (f16 only, no
+    prefetch): every load of a step issued before its first math (kernels/moe_gemv_fence.py;
+    the same bits as "f16")."""
 
     block_n: int
     block_k: int
@@ -61,6 +64,7 @@ class GemvTiles:
     prefetch: int = 0
     async_copy: bool = False
     scale_words: bool = False
+    loads_first: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -77,6 +81,9 @@ class GemvTiles:
                              f"steps: {self}")
         if self.scale_words and self.dequant == "exact":
             raise ValueError(f"GemvTiles: scale_words only for the fast steps: {self}")
+        if self.loads_first and (self.dequant != "f16" or self.prefetch or self.async_copy):
+            raise ValueError(f"GemvTiles: loads_first only for the f16 step, without prefetch "
+                             f"or async_copy: {self}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ def presplit_dtype(cfg: GemvConfig, dtype: torch.dtype) -> torch.dtype | None:
 
 def _launch(tiles: GemvTiles, deq: int, device: torch.device) -> dict:
     pf = PF_ASYNC.value if tiles.async_copy else tiles.prefetch
+    pf = PF_FENCE.value if tiles.loads_first else pf
     extra = {"PREFETCH": pf} if pf else {}  # today's launch otherwise
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
                 num_stages=tiles.num_stages, DEQ=deq,

@@ -34,6 +34,15 @@ from kernels.moe_gemv_dequant import (  # noqa: F401 - the kernels call them
     _split4,
     _word_f16_emulated,
 )
+from kernels.moe_gemv_fence import (  # noqa: F401 - the kernels call them
+    _ZERO_AND_ASM,
+    FENCE_HELPERS,
+    PF_FENCE,
+    _fence_f16,
+    _gemv_rows_fenced,
+    _gemv_step_f16_fenced,
+    _xor,
+)
 from kernels.moe_gemv_pipe import (  # noqa: F401 - the kernels call them
     PF_ASYNC,
     PIPE_HELPERS,
@@ -47,7 +56,7 @@ from kernels.moe_gemv_split import _gemv1_part_kernel, _swiglu_sum_kernel
 from kernels.pdl import prefetch_rows, wait_then_release
 
 jit = KernelSet(globals())
-for _helper in HELPERS + PIPE_HELPERS:
+for _helper in HELPERS + PIPE_HELPERS + FENCE_HELPERS:
     jit(_helper)
 pdl.register(jit)
 for _kernel in (_gemv2_fused_kernel, _gemv1_part_kernel, _swiglu_sum_kernel):
@@ -117,7 +126,10 @@ def _gemv_rows(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, k_dim,
     exact step on x in its own order; F32/F16: the fast steps on pre-split x (moe_gemv_dequant;
     F16: W as int32 words and x as int64, offsets in those units). PREFETCH > 0: the fast steps'
     loads issued that many steps ahead of their math (kernels/moe_gemv_pipe.py)."""
-    if PREFETCH > 0:
+    if PREFETCH == PF_FENCE:  # GemvTiles.loads_first (kernels/moe_gemv_fence.py)
+        y = _gemv_rows_fenced(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, BLOCK_N,
+                              BLOCK_K, DEQ, EMULATE)
+    elif PREFETCH > 0:
         y = _gemv_rows_pf(X, x_row, W, w_rows, S, s_rows, stride_sg, k_lo, k_hi, BLOCK_N,
                           BLOCK_K, DEQ, EMULATE, PREFETCH)
     else:
