@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
                                  8192 // (t_pad * router.E_BLOCK)))
             k = _compile(router, "_router_kernel", a, 4)
             print(report(k, f"router.t{t}.e{e}", args.sass))
+            if t == 1:  # the opt-in one-token plan from registers (MoEConfig.router_fast_one)
+                k = _compile(router, "_router_kernel", {**a, "FAST_ONE": True}, 4)
+                print(report(k, f"router.t{t}.e{e}.fast1", args.sass))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def moe_forward(
     if cfg.fused_router and p.counters is not None and fits(x.shape[0], k, config.num_experts):
         xs = _xs_buffer(x, p, cfg)
         plan = route_fused(x, layer.gate_weight.to(x.dtype).contiguous(),
-                           layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:], xs)
+                           layer.gate_bias.to(x.dtype), k, cfg.block_m, p.counters[-1:], xs,
+                           fast_one=cfg.router_fast_one)
     else:
         plan = ROUTES[cfg.routing](router_logits(x, layer), k, cfg.block_m, cfg.pdl)
     return moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit, xs)
@@ -199,7 +200,7 @@ def moe_forward_norm(
     xs = _xs_buffer(delta, p, cfg)
     plan = route_fused(delta, layer.gate_weight.to(delta.dtype).contiguous(),
                        layer.gate_bias.to(delta.dtype), k, cfg.block_m, p.counters[-1:], xs,
-                       norm=norm, y_out=x)
+                       norm=norm, y_out=x, fast_one=cfg.router_fast_one)
     out = moe_experts(x, plan, p, k, cfg, config.swiglu_alpha, config.swiglu_limit, xs)
     return out, norm.new_residual(delta)
 

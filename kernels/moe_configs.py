@@ -27,6 +27,9 @@ class MoEConfig:
     fuse_combine: bool = False  # GEMM 2's last program per N block sums the tokens' rows
     pdl: bool = False  # programmatic dependent launch between the Triton kernels (sm_90+)
     fused_router: bool = False  # router GEMV + routing in one launch (kernels/moe_router.py)
+    # with fused_router, one token's plan written from the last program's registers (same bits;
+    # kernels/moe_router_one.py); off until timed on the H100
+    router_fast_one: bool = False
     # Small batches: per-(token, expert) GEMVs (kernels/moe_gemv.py) instead of the tile GEMMs
     # (which stay the fallback where the weights' scales are out of the GEMV's exact range).
     gemv: GemvConfig | None = None
@@ -177,6 +180,7 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         from kernels.moe_configs_gemv import (  # loads ahead, fused combine; wave shapes
             GEMV2_CANDIDATES,
             GEMV_LOADSFIRST_CANDIDATES,
+            GEMV_ROUTERONE_CANDIDATES,
             GEMV_SCALEWORD_CANDIDATES,
             GEMV_SPLIT_CANDIDATES,
             GEMV_WAVE_CANDIDATES,
@@ -188,6 +192,7 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         out.update(GEMV_SPLIT_CANDIDATES)
         out.update(GEMV_SCALEWORD_CANDIDATES)
         out.update(GEMV_LOADSFIRST_CANDIDATES)
+        out.update(GEMV_ROUTERONE_CANDIDATES)
     if rows <= 32:
         out.update(DECODE_CANDIDATES)
     if rows >= 4:

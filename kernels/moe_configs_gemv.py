@@ -116,3 +116,11 @@ GEMV_LOADSFIRST_CANDIDATES: dict[str, MoEConfig] = {
     "g6_n32k256f16bw": _first(32, 256, words=True),  # + scale words
     "g6_n32k256f16bc": _first(32, 256, fuse=True),  # + the combine folded into GEMM 2
 }
+
+
+# The fused router's one-token plan from registers (MoEConfig.router_fast_one,
+# kernels/moe_router_one.py): no logits round trip, histogram, ranking or tile scans after the
+# router GEMV in its last program. Same plans, bit for bit; notes/moe.md "Router one-token path".
+GEMV_ROUTERONE_CANDIDATES: dict[str, MoEConfig] = {
+    "g7_n32k256f32fr1": replace(GEMV_FAST, router_fast_one=True),  # today's default + the flag
+}

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.jit import KernelSet
+from kernels.moe_router_one import _route_one
 from kernels.moe_routing import (  # noqa: F401 - the kernel calls them
     RouteLaunch,
     RoutingPlan,
@@ -35,7 +36,8 @@ from kernels.pdl import wait_then_release
 
 jit = KernelSet(globals())
 pdl.register(jit)
-for _helper in (_place_block, _route_block, _write_tiles, _norm_inv_rms, _norm_tile):
+for _helper in (_place_block, _route_block, _write_tiles, _norm_inv_rms, _norm_tile,
+                _route_one):
     jit(_helper)
 
 E_BLOCK = 4  # experts per program
@@ -54,7 +56,7 @@ def _router_kernel(
     H_SPLIT: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, FUSED: tl.constexpr,
     WRITE_XS: tl.constexpr, NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-    BLOCK_ROW: tl.constexpr = 1, PDL: tl.constexpr = False,
+    BLOCK_ROW: tl.constexpr = 1, PDL: tl.constexpr = False, FAST_ONE: tl.constexpr = False,
 ):
     wait_then_release(PDL)  # kernels/pdl.py: x comes from the predecessor
     pid = tl.program_id(0)
@@ -108,13 +110,20 @@ def _router_kernel(
             logit += tl.load(PART + (s * T_PAD + t[:, None]) * E_PAD + cols[None, :],
                              mask=(cols < E)[None, :], other=0.0, volatile=True)
         logit += tl.load(BG + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
-        tl.store(LOGITS + t[:, None] * E + cols[None, :], logit.to(LOGITS.dtype.element_ty),
-                 mask=tm[:, None] & (cols < E)[None, :])
-        tl.debug_barrier()  # the logits are read back by other threads of this program
-        _route_block(
-            0, LOGITS, E, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START, TILE_END,
-            NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, CHUNK, BLOCK_M, BLOCK_I, FUSED,
-        )
+        if FAST_ONE:  # T == 1 (T_PAD == 1): the plan from registers (kernels/moe_router_one)
+            one = logit.to(LOGITS.dtype.element_ty).to(tl.float32)  # as _route_block reads it
+            _route_one(tl.where((cols < E)[None, :], one, float("-inf")), E, IDS, W, POS,
+                       SORTED, COUNTS, TILE_E, TILE_START, TILE_END, NUM_TILES, MAX_TILES, K,
+                       K_PAD, E_PAD, BLOCK_M)
+        else:
+            tl.store(LOGITS + t[:, None] * E + cols[None, :],
+                     logit.to(LOGITS.dtype.element_ty), mask=tm[:, None] & (cols < E)[None, :])
+            tl.debug_barrier()  # the logits are read back by other threads of this program
+            _route_block(
+                0, LOGITS, E, T, E, IDS, W, HIST, POS, SORTED, COUNTS, TILE_E, TILE_START,
+                TILE_END, NUM_TILES, MAX_TILES, K, K_PAD, E_PAD, BLOCK_T, CHUNK, BLOCK_M,
+                BLOCK_I, FUSED,
+            )
         tl.store(COUNTER, 0)
 
 
@@ -140,6 +149,7 @@ def route_fused(
     xs_out: torch.Tensor | None = None,  # [T, H] fp32/fp16: also gets x pre-split (moe_gemv)
     norm: NormPrologue | None = None,  # x is then the un-normed delta (kernels/norm_prologue)
     y_out: torch.Tensor | None = None,  # [T, H] x's dtype: gets the normed x (with norm)
+    fast_one: bool = False,  # T == 1: route in registers (kernels/moe_router_one.py)
 ) -> RoutingPlan:
     """route(F.linear(x, Wg, bg), top_k, block_m) in one launch (see fits()). With xs_out,
     the programs of the first expert block also write x in the MoE GEMV's pre-split layout
@@ -153,7 +163,10 @@ def route_fused(
     and the normed x into y_out (for whatever else reads the MoE's input), so the standalone
     rmsnorm launch before the MoE goes away. Everything downstream, xs_out included, sees
     exactly the bits rmsnorm would have produced (interpreted; compiled, up to the order of the
-    sum of squares, kernels/norm_prologue.py)."""
+    sum of squares, kernels/norm_prologue.py).
+
+    fast_one (opt-in, MoEConfig.router_fast_one): a one-token batch's last program writes the
+    plan straight from its registers (the same plan, bit for bit); other batch sizes ignore it."""
     t, h = x.shape
     e = gate_weight.shape[0]
     if gate_weight.shape != (e, h) or gate_bias.shape != (e,) or x.stride(1) != 1:
@@ -198,7 +211,7 @@ def route_fused(
         xs_out if xs_out is not None else part, xs_out.stride(0) if xs_out is not None else 0,
         *norm_args, T_PAD=t_pad, E_BLK=E_BLOCK, BLOCK_H=bh, H_SPLIT=H_SPLIT,
         **cst, WRITE_XS=xs_out is not None, num_warps=num_warps(t_pad, bh), **normed,
-        **pdl.launch_args(x.device),
+        **pdl.launch_args(x.device), **({"FAST_ONE": True} if fast_one and t == 1 else {}),
     )
     return plan
 
