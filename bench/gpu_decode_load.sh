@@ -78,10 +78,11 @@ stage moe_pdl 60 bash -c "GPTOSS_PDL=0 $PY -m bench.moe --shapes 20b --tokens 1,
   && GPTOSS_PDL=1 $PY -m bench.moe --shapes 20b --tokens 1,8"
 GPTOSS_PDL=1 stage timeline_pdl 60 $PY -m bench.diag_graph_timeline --batch 1 --contexts 4096
 # GEMV scale words (kernels/moe_gemv_scales.py) and the f16 step with its loads fenced first
-# (kernels/moe_gemv_fence.py) beside their controls (notes/moe.md: predictions)
+# (kernels/moe_gemv_fence.py), the router's one-token path (kernels/moe_router_one.py) beside
+# their controls (notes/moe.md: predictions)
 stage moe_sw 60 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep --only \
   g_n32k256f32fr,g_n32k256f16fr,g5_n32k256f32w,g5_n32k256f16w,g6_n32k256f16b,g6_n32k256f16bw,\
-g6_n32k256f16bc
+g6_n32k256f16bc,g7_n32k256f32fr1
 stage access 40 $PY -m bench.access_pattern
 stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
