@@ -7,17 +7,16 @@ activations), or the f32 step's (fp32 activations: f16 tiles run the f32 step th
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from kernels.moe import moe_forward, moe_forward_ref, prepare_moe
+from kernels.moe import moe_forward, prepare_moe
 from kernels.moe_configs_gemv import GEMV_LOADSFIRST_CANDIDATES
 from kernels.moe_gemv import GemvConfig, GemvTiles, moe_gemv
 from runtime.synthetic import random_layer
-from tests.test_kernel_moe_gemv import TOL, tiny
+from tests.test_kernel_moe_gemv import tiny
 from tests.test_kernel_moe_gemv_mlp import routed
+from tests.test_kernel_moe_gemv_scalewords import candidate_layer, without
 
 
 def gemv(first: bool, k: int, fuse: bool = False) -> GemvConfig:
@@ -52,16 +51,9 @@ def test_loads_first_gives_the_f16_steps_bits(hidden: int, inter: int, experts: 
 
 def test_candidate_matches_the_oracle_and_the_plain_step() -> None:
     name = "g6_n32k256f16bw"  # loads first + scale words: the most moving parts
-    cfg = tiny(288, 160, 8, 2)  # K = 288: one whole k256 step and a partial one
-    layer = random_layer(cfg, 0, seed=9, dtype=torch.float16)
-    x = torch.randn(1, 288, generator=torch.Generator().manual_seed(9)).half()
     mc = GEMV_LOADSFIRST_CANDIDATES[name]
-    assert mc.gemv is not None
-    got = moe_forward(x, layer, cfg, prepare_moe(layer, scale_words=True), mc)
-    torch.testing.assert_close(got, moe_forward_ref(x, layer, cfg), **TOL[torch.float16])
-    g = mc.gemv
-    plain = replace(mc, gemv=replace(g, gemm1=replace(g.gemm1, loads_first=False),
-                                     gemm2=replace(g.gemm2, loads_first=False)))
+    cfg, layer, x, got = candidate_layer(mc)
+    plain = without(mc, "loads_first")
     assert torch.equal(got, moe_forward(x, layer, cfg, prepare_moe(layer, scale_words=True),
                                         plain))
 

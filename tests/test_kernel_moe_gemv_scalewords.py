@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from kernels.moe import moe_forward, moe_forward_ref, prepare_moe
+from kernels.moe_configs import MoEConfig
 from kernels.moe_configs_gemv import GEMV_SCALEWORD_CANDIDATES
 from kernels.moe_gemv import GemvConfig, GemvTiles, moe_gemv
 from kernels.moe_gemv_scales import scale_bytes, scale_words
+from runtime.config import ModelConfig
+from runtime.model_weights import LayerWeights
 from runtime.synthetic import random_layer
 from tests.test_kernel_moe_gemv import TOL, tiny
 from tests.test_kernel_moe_gemv_mlp import routed
@@ -106,20 +109,34 @@ def test_scale_words_with_loads_ahead(option: dict) -> None:
     assert torch.equal(new, old)
 
 
-@pytest.mark.parametrize("name", sorted(GEMV_SCALEWORD_CANDIDATES))
-def test_candidates_match_the_oracle_and_the_byte_layout(name: str) -> None:
-    """The whole layer (fused router, GEMVs) with a candidate: against the oracle, and bit-equal
-    to the same tiles on bytes. Without prepared weights moe_forward builds the words itself."""
-    cfg = tiny(288, 160, 8, 2)  # K = 288: one whole k256 step and a partial one; G = 9
+def candidate_layer(mc: MoEConfig) -> tuple[ModelConfig, LayerWeights, torch.Tensor, torch.Tensor]:
+    """One fp16 token through a whole layer (fused router, GEMVs) with GEMV candidate mc, checked
+    against the oracle: (config, layer, x, output). K = 288: one whole k256 step and a partial
+    one; G = 9."""
+    cfg = tiny(288, 160, 8, 2)
     layer = random_layer(cfg, 0, seed=9, dtype=torch.float16)
     x = torch.randn(1, 288, generator=torch.Generator().manual_seed(9)).half()
-    mc = GEMV_SCALEWORD_CANDIDATES[name]
     assert mc.gemv is not None
     got = moe_forward(x, layer, cfg, prepare_moe(layer, scale_words=True), mc)
     torch.testing.assert_close(got, moe_forward_ref(x, layer, cfg), **TOL[torch.float16])
+    return cfg, layer, x, got
+
+
+def without(mc: MoEConfig, option: str) -> MoEConfig:
+    """mc with a GemvTiles option turned off in both GEMMs."""
+    assert mc.gemv is not None
     g = mc.gemv
-    on_bytes = replace(mc, gemv=replace(g, gemm1=replace(g.gemm1, scale_words=False),
-                                        gemm2=replace(g.gemm2, scale_words=False)))
+    return replace(mc, gemv=replace(g, gemm1=replace(g.gemm1, **{option: False}),
+                                    gemm2=replace(g.gemm2, **{option: False})))
+
+
+@pytest.mark.parametrize("name", sorted(GEMV_SCALEWORD_CANDIDATES))
+def test_candidates_match_the_oracle_and_the_byte_layout(name: str) -> None:
+    """The whole layer with a candidate: against the oracle, and bit-equal to the same tiles on
+    bytes. Without prepared weights moe_forward builds the words itself."""
+    mc = GEMV_SCALEWORD_CANDIDATES[name]
+    cfg, layer, x, got = candidate_layer(mc)
+    on_bytes = without(mc, "scale_words")
     assert torch.equal(got, moe_forward(x, layer, cfg, prepare_moe(layer), on_bytes))
     assert torch.equal(moe_forward(x, layer, cfg, None, mc), got)
 
