@@ -34,13 +34,19 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 P = "ptr"  # marks a pointer argument; its element type follows
 
 
+def defaults(fn) -> dict[str, object]:  # noqa: ANN001 - a triton.jit function
+    """The kernel's defaulted arguments (constexprs such as PDL): a compile that does not name
+    one gets the value a launch that does not pass it gets."""
+    return {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def build(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 2):  # noqa: ANN001, ANN201
     fn = module.jit.bound(False)[name]
     sig, consts, attrs = {}, {}, {}
-    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaulted = defaults(fn)
     for i, arg in enumerate(fn.arg_names):
-        v = args[arg] if arg in args else ("const", defaults[arg])  # a defaulted constexpr
+        v = args[arg] if arg in args else ("const", defaulted[arg])
         if isinstance(v, tuple) and v[0] == P:
             sig[arg], attrs[(i,)] = "*" + v[1], [["tt.divisibility", 16]]
         elif isinstance(v, tuple) and v[0] == "const":

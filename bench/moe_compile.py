@@ -12,7 +12,6 @@ strides divisible by 16) at the gpt-oss-20b shapes.
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import subprocess
 import tempfile
@@ -27,6 +26,7 @@ import kernels.moe_gemm_kernels as gemm
 import kernels.moe_gemv as gemv
 import kernels.moe_router as router
 import kernels.moe_routing as routing
+from bench.kernels_compile import defaults
 from kernels.moe_configs import (
     DECODE_CANDIDATES,
     GEMV_CANDIDATES,
@@ -52,10 +52,9 @@ E, K_TOP = 32, 4
 def _compile(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 3):
     fn = module.jit.bound(False)[name]
     sig, consts, attrs = {}, {}, {}
-    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaulted = defaults(fn)
     for i, arg in enumerate(fn.arg_names):
-        v = args[arg] if arg in args else defaults[arg]  # a defaulted constexpr: as launched
+        v = args[arg] if arg in args else defaulted[arg]
         if isinstance(v, str):  # a pointer "*bf16"
             sig[arg], attrs[(i,)] = v, [["tt.divisibility", 16]]
         elif isinstance(v, bool) or arg.isupper() and not isinstance(v, float):
