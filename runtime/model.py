@@ -44,9 +44,12 @@ class Model:
         # backend can (Ops.norm_linear / norm_moe).
         delta, resid = self.w.embedding[batch.token_ids], None  # [T, H]
         for i, layer in enumerate(self.w.layers):
-            qkv, resid = ops.norm_linear(delta, resid, layer.attn_norm, eps, layer.qkv_weight,
-                                         layer.qkv_bias)  # [T, (nq+2nkv)·d]
-            attn_out = self._attention(i, layer, qkv, batch)  # [T, H]
+            # qkv projection, rope and the K/V cache write (one launch where the backend fuses
+            # them: Ops.norm_linear_rope); q is rotated [T, nq, d]
+            q, resid = ops.norm_linear_rope(delta, resid, layer.attn_norm, eps, layer.qkv_weight,
+                                            layer.qkv_bias, self.cos, self.sin, batch,
+                                            self.cache.k[i], self.cache.v[i], cfg)
+            attn_out = self._attention(i, layer, q, batch)  # [T, H]
             delta, resid = ops.norm_moe(attn_out, resid, layer.mlp_norm, eps, layer, cfg)
         h, _ = ops.rmsnorm(delta, self.w.norm, eps, resid)
         return h
@@ -56,16 +59,13 @@ class Model:
         """fp32 logits [M, V] of normed hidden rows [M, H]."""
         return torch.nn.functional.linear(h, self.w.unembedding).float()
 
-    def _attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, batch: Batch
+    def _attention(self, i: int, layer: LayerWeights, q: torch.Tensor, batch: Batch
                    ) -> torch.Tensor:
-        """The attention block from its qkv projection [T, (nq+2nkv)·d] to its output [T, H]."""
+        """The attention block from its rotated q [T, nq, d] (k and v already in the layer's
+        cache) to its output [T, H]."""
         cfg = self.config
-        t = qkv.shape[0]
-        q = qkv[:, : cfg.q_size].view(t, cfg.num_attention_heads, cfg.head_dim)
-        k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(t, cfg.num_key_value_heads, -1)
-        v = qkv[:, cfg.q_size + cfg.kv_size :].view(t, cfg.num_key_value_heads, cfg.head_dim)
-        k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-        q = self.ops.rope_cache_write(q, k, v, self.cos, self.sin, batch, k_cache, v_cache)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
-        o = self.ops.attention(q, k_cache, v_cache, batch, layer.sinks, window, self.scale)
-        return self.ops.linear(o.reshape(t, -1), layer.out_weight, layer.out_bias)  # [T, H]
+        o = self.ops.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, window,
+                               self.scale)
+        return self.ops.linear(o.reshape(q.shape[0], -1), layer.out_weight,
+                               layer.out_bias)  # [T, H]

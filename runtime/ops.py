@@ -55,6 +55,17 @@ class Ops(Protocol):
         backend may fuse the two (kernels/dense_gemv_norm.py) with the same results."""
         ...
 
+    def norm_linear_rope(
+        self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor, eps: float,
+        w: torch.Tensor, b: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor, config: ModelConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's input side: norm_linear to qkv [T, (nq+2nkv)·d], then
+        rope_cache_write of its q, k, v heads: (rotated q [T, nq, d], new residual stream),
+        k and v written into the caches. A backend may fuse it all into the qkv projection
+        (kernels/dense_gemv_rope.py) with the same results."""
+        ...
+
     def norm_moe(
         self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor, eps: float,
         layer: LayerWeights, config: ModelConfig,
@@ -64,12 +75,22 @@ class Ops(Protocol):
 
 
 class NormThenOp:
-    """norm_linear / norm_moe as their definitions (the norm, then the op), for backends that
-    do not fuse them."""
+    """norm_linear / norm_linear_rope / norm_moe as their definitions (the norm, then the op;
+    the projection, then rope), for backends that do not fuse them."""
 
     def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
         h, new_residual = self.rmsnorm(x, scale, eps, residual)
         return self.linear(h, w, b), new_residual
+
+    def norm_linear_rope(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
+                         v_cache, config):
+        qkv, new_residual = self.norm_linear(x, residual, scale, eps, w, b)  # [T, N]
+        t, nq, nkv = qkv.shape[0], config.num_attention_heads, config.num_key_value_heads
+        q = qkv[:, : config.q_size].view(t, nq, config.head_dim)
+        k = qkv[:, config.q_size : config.q_size + config.kv_size].view(t, nkv, config.head_dim)
+        v = qkv[:, config.q_size + config.kv_size :].view(t, nkv, config.head_dim)
+        q = self.rope_cache_write(q, k, v, cos, sin, batch, k_cache, v_cache)
+        return q, new_residual
 
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201
         h, new_residual = self.rmsnorm(x, scale, eps, residual)

@@ -20,6 +20,7 @@ from kernels.decode_attention import decode_attention
 from kernels.decode_variants import SERVING, SERVING_MAX_ROWS, DecodeVariant
 from kernels.dense_gemv import MAX_ROWS, linear_small
 from kernels.dense_gemv_norm import norm_linear_small
+from kernels.dense_gemv_rope import norm_linear_rope_small
 from kernels.moe_ref import moe_ref
 from kernels.norm_prologue import exact_scale
 from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
@@ -48,6 +49,11 @@ DENSE_GEMV_ROWS = 2
 # 13.5 / 14.3, M=2 15.1 / 15.6 (fma_n8_k512_w2 tiles), M=4 24.3 / 17.1, M=8 37.5 / 22.8: on up to 2.
 FUSE_NORM = True
 FUSE_NORM_ROWS = 2
+# Rope and the K/V cache write as the fused-norm qkv GEMV's epilogue (kernels/dense_gemv_rope.py)
+# wherever that GEMV runs on a decode batch (within FUSE_NORM_ROWS and DENSE_GEMV_ROWS), saving
+# rope_cache_write's launch (H100: 2.82 µs per layer). Off until timed on the GPU (notes/kernels.md
+# predicts the step's saving); GPTOSS_FUSE_ROPE=1 turns it on.
+FUSE_ROPE = False
 
 
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
@@ -89,7 +95,7 @@ class TritonOps(NormThenOp):
     name = "triton"
 
     def __init__(self, dense_gemv_rows: int | None = None, fuse_norm: bool | None = None,
-                 fuse_norm_rows: int | None = None) -> None:
+                 fuse_norm_rows: int | None = None, fuse_rope: bool | None = None) -> None:
         if dense_gemv_rows is None:
             dense_gemv_rows = int(os.environ.get("GPTOSS_DENSE_GEMV_ROWS", DENSE_GEMV_ROWS))
         if not 0 <= dense_gemv_rows <= MAX_ROWS:
@@ -102,6 +108,9 @@ class TritonOps(NormThenOp):
             raise ValueError(f"fuse_norm_rows must be ≥ 0, got {fuse_norm_rows}")
         self.dense_gemv_rows = dense_gemv_rows
         self.fuse_norm, self.fuse_norm_rows = bool(fuse_norm), fuse_norm_rows
+        if fuse_rope is None:
+            fuse_rope = _env_flag("GPTOSS_FUSE_ROPE", FUSE_ROPE)
+        self.fuse_rope = bool(fuse_rope)
         self._moe_forward, self._prepare_moe = _moe_backend()
         self._moe_forward_norm = _moe_norm_backend()
         self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout
@@ -131,12 +140,34 @@ class TritonOps(NormThenOp):
     def _fuses_norm(self, rows: int) -> bool:
         return self.fuse_norm and 0 < rows <= self.fuse_norm_rows
 
-    def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
+    def _norm_gemv(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Whether the qkv projection of x runs the dense GEMV with the norm in its prologue."""
         m = x.shape[0]
-        if self._fuses_norm(m) and m <= self.dense_gemv_rows and x.dtype == w.dtype:
-            kept, narrow = self._scales.get(id(scale), (None, None))
-            return norm_linear_small(x, residual, narrow if kept is scale else scale, eps, w, b)
+        return self._fuses_norm(m) and m <= self.dense_gemv_rows and x.dtype == w.dtype
+
+    def _gemv_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """The norm scale as the GEMV loads it best: prepare's exact copy in the activation
+        dtype where there is one."""
+        kept, narrow = self._scales.get(id(scale), (None, None))
+        return narrow if kept is scale else scale
+
+    def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
+        if self._norm_gemv(x, w):
+            return norm_linear_small(x, residual, self._gemv_scale(scale), eps, w, b)
         return super().norm_linear(x, residual, scale, eps, w, b)
+
+    def norm_linear_rope(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
+                         v_cache, config):
+        # Decode rows (eager or a decode graph's) and graph steps' rows never share a cache
+        # target, which the epilogue's unordered stores need (kernels/dense_gemv_rope.py); other
+        # steps take the two launches, whose rope_cache_write checks the chunks.
+        if (self.fuse_rope and (batch.decode_only or batch.tile_table is not None)
+                and self._norm_gemv(x, w)):
+            return norm_linear_rope_small(
+                x, residual, self._gemv_scale(scale), eps, w, b, cos, sin, batch.positions,
+                batch.slot_ids, k_cache, v_cache, config.num_attention_heads)
+        return super().norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch, k_cache,
+                                        v_cache, config)
 
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201 - see Ops
         if (self._fuses_norm(x.shape[0]) and self._moe_forward is not None
