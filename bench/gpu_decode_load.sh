@@ -22,8 +22,8 @@ PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
 # The default stages' limits add up to 570 s (one runner command allows 600); the others
-# (tests_moe, decode_pdl, decode_pdl_nopf, moe_pdl, timeline_pdl, moe_sw, access, norm_gemv) run
-# when named in STAGES.
+# (tests_moe, decode_pdl, decode_pdl_nopf, moe_pdl, timeline_pdl, moe_sw, access, norm_gemv,
+# decode_rope) run when named in STAGES.
 STAGES="${STAGES:-tests,dense,moe1,decode,decode_cublas,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
@@ -58,7 +58,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 GPTOSS_DENSE_GEMV_ROWS=8 stage tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_kernel_dense_gemv.py tests/test_gpu_runtime.py tests/test_kernel_norm_fused.py \
   tests/test_kernel_norm_fused_moe.py tests/test_kernel_norm_fused_runtime.py \
-  tests/test_kernel_pdl.py
+  tests/test_kernel_pdl.py tests/test_kernel_dense_gemv_rope.py
 stage tests_moe 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_moe.py \
   -k "not 4096 and not 256"
 stage dense 50 $PY -m bench.dense_gemv --rows 1,2,8
@@ -74,6 +74,10 @@ GPTOSS_PDL=1 stage decode_pdl 110 $PY -m bench.decode --shape 20b --overlap \
   --contexts 4096,32768 --batches 1,8 --batch-context 4096
 GPTOSS_PDL=1 GPTOSS_PDL_PREFETCH=0 stage decode_pdl_nopf 60 $PY -m bench.decode --shape 20b \
   --overlap --contexts 4096 --batches 1,8 --batch-context 4096
+# Rope + K/V cache write as the fused-norm qkv GEMV's epilogue (kernels/dense_gemv_rope.py;
+# notes/kernels.md predicts the step's saving); compare with the decode stage's 4k lines
+GPTOSS_PDL=0 GPTOSS_FUSE_ROPE=1 stage decode_rope 60 $PY -m bench.decode --shape 20b --overlap \
+  --contexts 4096 --batches 1,2 --batch-context 4096
 stage moe_pdl 60 bash -c "GPTOSS_PDL=0 $PY -m bench.moe --shapes 20b --tokens 1,8 \
   && GPTOSS_PDL=1 $PY -m bench.moe --shapes 20b --tokens 1,8"
 GPTOSS_PDL=1 stage timeline_pdl 60 $PY -m bench.diag_graph_timeline --batch 1 --contexts 4096
@@ -88,7 +92,7 @@ stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
   TIME_LIMIT=30 OUT="$WORK/load" COMMIT="$GPTOSS_COMMIT" bash bench/gpu_load.sh
 
-for f in decode decode_cublas decode_pdl decode_pdl_nopf; do
+for f in decode decode_cublas decode_pdl decode_pdl_nopf decode_rope; do
   [[ -f "$WORK/$f.log" ]] && grep -h "^decode" "$WORK/$f.log" | sed "s/^/$f: /"
 done
 [[ -f "$WORK/dense.log" ]] && sed -n '/== dense GEMV/,$p' "$WORK/dense.log"
