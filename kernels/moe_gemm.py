@@ -40,6 +40,14 @@ class GemmTiles:
     # scale_ahead (fast path): each k-step's exponents are loaded one step earlier, before the
     # codes, and carried in registers (kernels/moe_gemm_ahead.py): one round trip per step, not two.
     scale_ahead: bool = False
+    # act_ready (fast path; set in both GEMMs of a config or in neither): activations stored in
+    # the MMA's column order as fp16 — x by a pass before GEMM 1, act by GEMM 1's own stores —
+    # so each k-step feeds its activation tile to the MMA as loaded, and the wgmma can stay in
+    # flight across steps (kernels/moe_gemm_ready.py). Same bits; H and I multiples of 32.
+    act_ready: bool = False
+    # ptxas register cap per thread (None: the compiler's choice): more programs per SM where the
+    # tile's own choice lands just above an occupancy step (65536 registers per SM).
+    max_regs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "group_m", "num_warps"):
@@ -50,6 +58,8 @@ class GemmTiles:
             raise ValueError(f"GemmTiles: block_n ≥ 16 and block_k ≥ 32, got {self}")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"GemmTiles: num_stages and split_k must be ≥ 1, got {self}")
+        if self.max_regs is not None and not 64 <= self.max_regs <= 255:
+            raise ValueError(f"GemmTiles.max_regs must be 64 … 255, got {self.max_regs}")
         if not 0 <= self.prefetch <= 8:
             raise ValueError(f"GemmTiles.prefetch must be 0 … 8 k-steps, got {self.prefetch}")
 
@@ -98,8 +108,9 @@ def _launch_args(tiles: GemmTiles, dtype: torch.dtype, fast: bool, device: torch
                 SWAP_AB=tiles.swap_ab, IEEE=dtype == torch.float32, FAST=fast,
                 EMULATE=not compiled(device),  # the interpreter cannot run PTX
                 PREFETCH=tiles.prefetch, WIDE=tiles.wide_loads, SC_AHEAD=tiles.scale_ahead,
-                num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages, **pdl_args(pdl, device))
+                READY=fast and tiles.act_ready, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages, **pdl_args(pdl, device),
+                **({"maxnreg": tiles.max_regs} if tiles.max_regs and compiled(device) else {}))
 
 
 def gemm1_swiglu(
@@ -124,15 +135,32 @@ def gemm1_swiglu(
     out = torch.empty(t * top_k, inter, dtype=torch.float16 if fast else x.dtype, device=x.device)
     if t == 0:
         return out
+    ready = fast and tiles.act_ready
+    xa = x_ready(x, inter) if ready else x
     grid = (plan.max_tiles * triton.cdiv(n2, tiles.block_n),)
     jit["_gemm1_swiglu_kernel"][grid](
-        x, x.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), s.stride(2),
+        xa, xa.stride(0), w, w.stride(0), w.stride(1), s, s.stride(0), s.stride(1), s.stride(2),
         b, b.stride(0),
         plan.sorted_pair, plan.tile_expert, plan.tile_start, plan.tile_end, out, out.stride(0),
         n2, h, plan.max_tiles, float(alpha), float(limit),
         TOPK=top_k, BLOCK_M=plan.block_m, **_launch_args(tiles, x.dtype, fast, x.device, pdl),
+        **({"RND_BF16": x.dtype == torch.bfloat16} if ready else {}),
     )
     return out
+
+
+def x_ready(x: torch.Tensor, inter: int) -> torch.Tensor:
+    """x [T, H] → fp16 [T, H] with each 32-group of columns in the fast path's MMA order
+    (GemmTiles.act_ready; kernels/moe_gemm_ready.py). inter: GEMM 1's outputs, which it then
+    stores in the same order, so both H and I must be whole 32-groups."""
+    t, h = x.shape
+    if h % 32 or inter % 32:
+        raise ValueError(f"act_ready needs H and I multiples of 32, got H = {h}, I = {inter}")
+    xr = torch.empty(t, h, dtype=torch.float16, device=x.device)
+    block_t, block_h = 8, 256
+    jit["_x_ready_kernel"][(triton.cdiv(t, block_t), triton.cdiv(h, block_h))](
+        x, x.stride(0), xr, xr.stride(0), t, h, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+    return xr
 
 
 def gemm2_scale(
@@ -154,6 +182,8 @@ def gemm2_scale(
     _check_mxfp4("gemm2", w, s, b, h, inter, e, act.device)
     _check_latency_options("gemm2", w, tiles)
     split = tiles.split_k
+    if fast and tiles.act_ready and inter % 32:
+        raise ValueError(f"gemm2: act_ready needs I a multiple of 32, got {inter}")
     dtype = (out_dtype or act.dtype) if split == 1 else torch.float32
     out = torch.empty(split, rows, h, dtype=dtype, device=act.device)
     if rows == 0:

@@ -46,9 +46,17 @@ from kernels.moe_dequant import (  # noqa: F401 - the kernels call them
 )
 from kernels.moe_gemm_ahead import HELPERS as AHEAD_HELPERS
 from kernels.moe_gemm_ahead import _scales, _w_tile_fast_sc  # noqa: F401 - the kernels call them
+from kernels.moe_gemm_ready import HELPERS as READY_HELPERS
+from kernels.moe_gemm_ready import KERNELS as READY_KERNELS
+from kernels.moe_gemm_ready import (  # noqa: F401 - the kernels call them
+    _a_tile_ready,
+    _mma_col_of,
+    _mma_cols,
+    _x_ready_kernel,
+)
 
 jit = KernelSet(globals())
-for _helper in HELPERS + AHEAD_HELPERS:
+for _helper in HELPERS + AHEAD_HELPERS + READY_HELPERS + READY_KERNELS:
     jit(_helper)
 
 
@@ -100,9 +108,12 @@ def _tile_of(pid, MAX_TILES, NUM_N, GROUP_M: tl.constexpr):
 def _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTYPE: tl.constexpr,
             BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr,
             FAST: tl.constexpr, EMULATE: tl.constexpr, MASK_K: tl.constexpr,
-            WIDE: tl.constexpr):
+            WIDE: tl.constexpr, READY: tl.constexpr = False):
     if FAST:
-        xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
+        if READY:  # activations already fp16 in MMA order (kernels/moe_gemm_ready.py)
+            xa = _a_tile_ready(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
+        else:
+            xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, MASK_K)
         w = _w_tile_fast(W, S, w_row, s_row, smask, stride_sg, k0, k_hi, BLOCK_K, EMULATE,
                          MASK_K, WIDE)
         acc = _mma1(xa, w, acc, SWAP_AB)
@@ -119,7 +130,8 @@ def _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc, A_DTY
 def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
               A_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr,
-              PREFETCH: tl.constexpr, WIDE: tl.constexpr, SC_AHEAD: tl.constexpr = False):
+              PREFETCH: tl.constexpr, WIDE: tl.constexpr, SC_AHEAD: tl.constexpr = False,
+              READY: tl.constexpr = False):
     """acc += A[rows, k_lo:k_hi] · W[rows', k_lo:k_hi]ᵀ (or its transpose with SWAP_AB). Rows
     are all in bounds (callers clamp them and mask the stores): the whole K blocks load without
     any mask; only a last partial block masks at k_hi.
@@ -129,7 +141,8 @@ def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
     registers (a register-carried prefetch was tried: the loop-carried raw tile keeps Triton
     from moving the MMA operand's layout conversion onto the bytes, see notes/moe.md). The
     step's loads then wait an L2 round trip; num_stages ≥ 2 can hide that one. WIDE: 16-byte
-    code loads (kernels/moe_dequant._w_tile_fast). Neither changes any result."""
+    code loads (kernels/moe_dequant._w_tile_fast). Neither changes any result. READY (fast
+    path): A is fp16 in MMA column order already, loaded as is (kernels/moe_gemm_ready.py)."""
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
     k_last = k_full - BLOCK_K  # prefetches past the last whole step re-ask for it (in bounds)
     if PREFETCH > 1:  # noqa: SIM102 - a constexpr branch around a runtime one
@@ -146,7 +159,10 @@ def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
                              tl.minimum(k0 + PREFETCH * BLOCK_K, k_last), BLOCK_K, EMULATE)
             sc_next = _scales(S, s_row, smask, stride_sg, tl.minimum(k0 + BLOCK_K, k_last),
                               True, BLOCK_K)
-            xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, False)
+            if READY:
+                xa = _a_tile_ready(A, a_row, k0, k_hi, BLOCK_K, False)
+            else:
+                xa = _a_tile_fast(A, a_row, k0, k_hi, BLOCK_K, False)
             w = _w_tile_fast_sc(W, w_row, sc, k0, BLOCK_K, EMULATE, WIDE)
             acc = _mma1(xa, w, acc, SWAP_AB)
             sc = sc_next
@@ -156,10 +172,10 @@ def _mainloop(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_lo, k_hi, acc,
                 _l2_prefetch(W, S, w_row, s_row, stride_sg,
                              tl.minimum(k0 + PREFETCH * BLOCK_K, k_last), BLOCK_K, EMULATE)
             acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k0, k_hi, acc,
-                          A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False, WIDE)
+                          A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, False, WIDE, READY)
     if k_full < k_hi:
         acc = _k_step(A, a_row, W, S, w_row, s_row, smask, stride_sg, k_full, k_hi, acc,
-                      A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, True, False)
+                      A_DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, True, False, READY)
     return acc
 
 
@@ -178,11 +194,15 @@ def _gemm1_swiglu_kernel(
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    WIDE: tl.constexpr = False, SC_AHEAD: tl.constexpr = False,
+    WIDE: tl.constexpr = False, SC_AHEAD: tl.constexpr = False, READY: tl.constexpr = False,
+    RND_BF16: tl.constexpr = False,
 ):
     """OUT[row, n] = swiglu(h[2n], h[2n+1]), h = x[token(row)]·W1[e]ᵀ + b1[e]; a program owns
-    BLOCK_N consecutive (interleaved gate/linear) rows of W1 and splits them after the dot."""
-    DTYPE: tl.constexpr = X.dtype.element_ty  # the matmul's rounding, as in the reference
+    BLOCK_N consecutive (interleaved gate/linear) rows of W1 and splits them after the dot.
+    READY: X is x already fp16 in MMA column order (the matmul still rounds to x's own dtype,
+    bf16 where RND_BF16), and OUT's columns are stored in that order for GEMM 2."""
+    # the matmul's rounding, as in the reference (x's dtype: with READY, X holds fp16)
+    DTYPE: tl.constexpr = tl.bfloat16 if RND_BF16 else X.dtype.element_ty
     HALF: tl.constexpr = BLOCK_N // 2
     _pdl_start(PDL)
     tile, pid_n = _tile_of(tl.program_id(0), MAX_TILES, tl.cdiv(N2, BLOCK_N), GROUP_M)
@@ -201,7 +221,8 @@ def _gemm1_swiglu_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _mainloop(X, tok.to(tl.int64) * stride_x, W, S, w_row, s_row, n2 < N2, stride_sg, 0, K,
-                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, PREFETCH, WIDE, SC_AHEAD)
+                    acc, DTYPE, BLOCK_K, SWAP_AB, IEEE, FAST, EMULATE, PREFETCH, WIDE, SC_AHEAD,
+                    READY)
     bias = tl.load(B + e64 * stride_be + n2, mask=n2 < N2, other=0.0)
     n = pid_n * HALF + tl.arange(0, HALF)  # swiglu outputs
     if SWAP_AB:
@@ -217,6 +238,8 @@ def _gemm1_swiglu_kernel(
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     act = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    if READY:  # GEMM 2 reads these columns in MMA order (kernels/moe_gemm_ready.py)
+        nn = _mma_col_of(nn)
     tl.store(OUT + rr.to(tl.int64) * stride_o + nn, act.to(OUT.dtype.element_ty), mask=mm)
 
 
@@ -247,7 +270,7 @@ def _gemm2_scale_kernel(
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT_K: tl.constexpr, FUSE_COMBINE: tl.constexpr,
     TOPK: tl.constexpr, COMBINE_T: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
-    WIDE: tl.constexpr = False, SC_AHEAD: tl.constexpr = False,
+    WIDE: tl.constexpr = False, SC_AHEAD: tl.constexpr = False, READY: tl.constexpr = False,
 ):
     """OUT[row, n] = (A[row]·W2[e, n]ᵀ + b2[e, n]) · RW[pair(row)], n < N = H. With SPLIT_K > 1
     program s sums its share of K into OUT[s] (fp32; bias on s = 0 only, no rounding).
@@ -277,7 +300,7 @@ def _gemm2_scale_kernel(
     a_row = tl.minimum(rows, ROWS - 1).to(tl.int64) * stride_a  # in bounds; stores are masked
     acc = _mainloop(A, a_row, W, S, w_row, s_row, nmask, stride_sg, k_lo,
                     tl.minimum(k_lo + k_len, K), acc, A.dtype.element_ty, BLOCK_K, SWAP_AB, IEEE,
-                    FAST, EMULATE, PREFETCH, WIDE, SC_AHEAD)
+                    FAST, EMULATE, PREFETCH, WIDE, SC_AHEAD, READY)
     rw = tl.load(RW + tl.load(SORTED + rows, mask=rmask, other=0), mask=rmask, other=0.0)
     if SWAP_AB:
         rr, nn, mm, rw = rows[None, :], n[:, None], rmask[None, :] & nmask[:, None], rw[None, :]
