@@ -40,6 +40,7 @@ from kernels.moe_configs_gemv import (
     GEMV_WAVE_CANDIDATES,
 )
 from kernels.moe_configs_latency import LATENCY_CANDIDATES
+from kernels.moe_configs_prefill import PREFILL2_CANDIDATES
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -49,7 +50,8 @@ PDL = False  # --pdl: programmatic dependent launch (kernels/pdl.py)
 E, K_TOP = 32, 4
 
 
-def _compile(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 3):
+def _compile(module, name: str, args: dict[str, object], num_warps: int, num_stages: int = 3,
+             maxnreg: int | None = None):
     fn = module.jit.bound(False)[name]
     sig, consts, attrs = {}, {}, {}
     defaulted = defaults(fn)
@@ -68,8 +70,10 @@ def _compile(module, name: str, args: dict[str, object], num_warps: int, num_sta
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:  # GemmTiles.max_regs
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=opts)
 
 
 SASS_OPS = ("LDG", "LDS", "STS", "LDSM", "HMMA", "HGMMA", "F2F", "F2FP", "I2F", "HADD2", "HMUL2",
@@ -143,10 +147,15 @@ def gemm_args(mc: MoEConfig, which: int, fast: bool) -> tuple[dict[str, object],
                   BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, SWAP_AB=t.swap_ab,
                   IEEE=False, FAST=fast, EMULATE=False, PDL=mc.pdl, PREFETCH=t.prefetch,
                   WIDE=t.wide_loads, SC_AHEAD=t.scale_ahead)
+    ready = fast and t.act_ready  # activations stored fp16 in MMA order (moe_gemm_ready)
+    if ready:
+        common["READY"] = True
     if which == 1:
         g1 = HID // 32  # scales groups-major ([E, G, N] storage) unless --row-scales
         sn, sg = (g1, 1) if ROW_SCALES else (1, 2 * INTER)
-        return dict(common, X="*bf16", OUT="*fp16" if fast else "*bf16", stride_x=HID,
+        if ready:
+            common["RND_BF16"] = True
+        return dict(common, X="*fp16" if ready else "*bf16", OUT="*fp16" if fast else "*bf16", stride_x=HID,
                     stride_we=INTER * HID, stride_wn=HID // 2, stride_se=2 * INTER * g1,
                     stride_sn=sn, stride_sg=sg, stride_be=2 * INTER, stride_o=INTER,
                     N2=2 * INTER, K=HID,
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     # (GEMV_SPLIT_CANDIDATES are not here: their GEMM 1 is kernels/moe_gemv_split.py's.)
     configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES, **DECODE_CANDIDATES,
                **PREFILL_CANDIDATES, **LATENCY_CANDIDATES, **GEMV_SCALEWORD_CANDIDATES,
-               **GEMV_LOADSFIRST_CANDIDATES}
+               **GEMV_LOADSFIRST_CANDIDATES, **PREFILL2_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         for which, kname in ((1, "_gemm1_swiglu_kernel"), (2, "_gemm2_scale_kernel")):
             a, t = gemm_args(mc, which, fast=mc.fast and not args.exact)
             try:
-                k = _compile(gemm, kname, a, t.num_warps, t.num_stages)
+                k = _compile(gemm, kname, a, t.num_warps, t.num_stages, t.max_regs)
                 loop_bytes = t.block_n * t.block_k // 2
                 print(report(k, f"{name}.gemm{which}", args.sass, loop_bytes), flush=True)
             except Exception as exc:  # noqa: BLE001 - report and go on
@@ -252,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
                                                H=HID, TOPK=K_TOP, SPLIT_K=2, BLOCK_T=4, PDL=True,
                                                BLOCK_H=256), 4)
     print(report(k, "combine", args.sass))
+    k = _compile(gemm, "_x_ready_kernel", dict(X="*bf16", stride_x=HID, XR="*fp16",
+                                               stride_r=HID, T=4096, H=HID, BLOCK_T=8,
+                                               BLOCK_H=256), 4)  # act_ready's x pass
+    print(report(k, "x_ready", args.sass))
     # the routing kernels at the batch sizes the bench runs (T, E, BLOCK_M)
     for t, e, bm in ((1, 32, 16), (8, 32, 16), (64, 32, 16), (64, 128, 16), (256, 32, 32),
                      (256, 128, 16),

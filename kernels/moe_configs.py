@@ -197,6 +197,10 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         out.update(DECODE_CANDIDATES)
     if rows >= 4:
         out.update(PREFILL_CANDIDATES)
+    if rows >= 64:  # prefill tiles, activations in MMA order (kernels/moe_configs_prefill.py)
+        from kernels.moe_configs_prefill import PREFILL2_CANDIDATES
+
+        out.update(PREFILL2_CANDIDATES)
     if rows > 1:  # the latency-hiding tiles (kernels/moe_configs_latency.py)
         from kernels.moe_configs_latency import LATENCY_CANDIDATES
 

@@ -9,6 +9,7 @@ import torch
 from kernels.moe import moe_experts, prepare_moe, router_logits
 from kernels.moe_configs import DECODE_CANDIDATES, PREFILL_CANDIDATES, MoEConfig
 from kernels.moe_configs_latency import LATENCY_CANDIDATES
+from kernels.moe_configs_prefill import PREFILL2_CANDIDATES
 from kernels.moe_gemm import GemmTiles, gemm1_swiglu, gemm2_scale
 from kernels.moe_ref import experts_ref
 from kernels.moe_routing import route, route_plan_ref
@@ -61,7 +62,8 @@ def test_compiled_fast_path_equals_its_interpreted_emulation(swap: bool) -> None
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=2e-3, atol=2e-3)
 
 
-CONFIGS = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES, **LATENCY_CANDIDATES}
+CONFIGS = {**DECODE_CANDIDATES, **PREFILL_CANDIDATES, **LATENCY_CANDIDATES,
+           **PREFILL2_CANDIDATES}
 CFG_20B = ModelConfig(num_hidden_layers=1, num_experts=32)
 
 
