@@ -87,6 +87,10 @@ GPTOSS_PDL=1 stage timeline_pdl 60 $PY -m bench.diag_graph_timeline --batch 1 --
 stage moe_sw 60 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep --only \
   g_n32k256f32fr,g_n32k256f16fr,g5_n32k256f32w,g5_n32k256f16w,g6_n32k256f16b,g6_n32k256f16bw,\
 g6_n32k256f16bc,g7_n32k256f32fr1
+# helper-10's prefill tiles (kernels/moe_configs_prefill.py: activations stored in MMA order,
+# 128-token tiles) beside today's PREFILL_SA (notes/moe.md "Prefill GEMMs at 4096 tokens")
+stage moe_prefill2 90 $PY -m bench.moe --shapes 20b --tokens 1024,4096 --sweep --only \
+  m_p_pf4w_sa,p2_sa_ready,p2_m128n64,p2_m128n64k128,p2_m128n128w8
 stage access 40 $PY -m bench.access_pattern
 stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
@@ -100,6 +104,8 @@ done
 [[ -f "$WORK/access.log" ]] && tail -n 16 "$WORK/access.log"
 [[ -f "$WORK/moe_pdl.log" ]] && grep -h -A3 "== MoE layer summary" "$WORK/moe_pdl.log"
 [[ -f "$WORK/moe_sw.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe_sw.log"
+[[ -f "$WORK/moe_prefill2.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe_prefill2.log" \
+  && grep -hE '"tokens": (1024|4096),' "$WORK/new-moe.jsonl" | grep -o '"sweep_us": {[^}]*}'
 [[ -f "$WORK/timeline_pdl.log" ]] && grep -h -A12 "^== 20b" "$WORK/timeline_pdl.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
   && grep -ho '"sweep_us": {[^}]*}' "$WORK/new-moe.jsonl"
