@@ -89,7 +89,7 @@ stage moe_sw 60 $PY -m bench.moe --shapes 20b --tokens 1,8 --sweep --only \
 g6_n32k256f16bc,g7_n32k256f32fr1
 # helper-10's prefill tiles (kernels/moe_configs_prefill.py: activations stored in MMA order,
 # 128-token tiles) beside today's PREFILL_SA (notes/moe.md "Prefill GEMMs at 4096 tokens")
-stage moe_prefill2 90 $PY -m bench.moe --shapes 20b --tokens 1024,4096 --sweep --only \
+stage moe_prefill2 140 $PY -m bench.moe --shapes 20b --tokens 1024,4096 --sweep --only \
   m_p_pf4w_sa,p2_sa_ready,p2_m128n64,p2_m128n64k128,p2_m128n128w8
 stage access 40 $PY -m bench.access_pattern
 stage norm_gemv 40 $PY -m bench.norm_gemv
