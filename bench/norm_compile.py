@@ -5,7 +5,8 @@ next to the same kernels without the prologue: registers, spills and shared memo
 
 The dense GEMV at the qkv projection of gpt-oss (N 5120, K 2880, bf16) at M = 1, 2, 4, 8 (the
 padded row counts) with the tiles a launch picks (choose_tiles, or choose_norm_tiles with the
-prologue), and the fused router at 1 and 8 tokens for E = 32 and 128 (20b / 120b), each without
+prologue), the same with rope and the K/V cache write as its epilogue (kernels/dense_gemv_rope.py,
+norm_linear_rope_small's launch), and the fused router at 1 and 8 tokens for E = 32 and 128 (20b / 120b), each without
 the prologue, with it on the first layer (no residual) and with it and a residual. Arguments are
 specialized as a real launch's would be; without the prologue the kernels compile to the same
 SASS as before it existed (checked against the previous commit's kernels).
@@ -22,6 +23,7 @@ from pathlib import Path
 import triton
 
 import kernels.dense_gemv as gemv
+import kernels.dense_gemv_rope as gemv_rope
 import kernels.moe_router as router
 import kernels.moe_routing as routing
 from bench.kernels_compile import BIN, P, build, c
@@ -47,6 +49,21 @@ def dense(m: int, norm: bool, res: bool, scale: str = "fp32"
         HAS_BIAS=c(True), EVEN_K=c(HID % t.block_k == 0), DOT=c(t.dot),
         PREFETCH=c(not t.dot and t.num_stages > 1), PRECISION=c(None), NORM=c(norm),
         HAS_RES=c(res), BLOCK_ROW=c(row_block(HID) if norm else 1), PDL=c(False), SECTORS=c(0)), t
+
+
+def rope(m: int, res: bool, scale: str = "fp32") -> tuple[dict, gemv.GemvDenseTiles]:
+    """norm_linear_rope_small's launch at 20b (64 q heads, 8 KV heads, d 64; a 4096-row ring)."""
+    t = choose_norm_tiles(m, QKV, HID)
+    bf, cap = (P, "bf16"), 4096
+    return dict(
+        X=bf, W=bf, B=bf, QO=bf, M=3, K=HID, stride_xm=HID, stride_wn=HID, stride_qm=64 * 64,
+        R=bf, SC=(P, scale), S_OUT=bf, stride_rm=HID, stride_sm=HID, eps=1e-5,
+        COS=(P, "fp32"), SIN=(P, "fp32"), POS=(P, "i64"), SLOT=(P, "i64"), KC=bf, VC=bf, CAP=cap,
+        skc_s=cap * 512, skc_c=512, skc_h=64, svc_s=cap * 512, svc_c=512, svc_h=64,
+        NQ=c(64), NKV=c(8), HALF=c(32), M_P=c(m), PAIRS=c(t.block_n // 2), BLOCK_K=c(t.block_k),
+        VEC=c(8), HAS_BIAS=c(True), EVEN_K=c(HID % t.block_k == 0),
+        PREFETCH=c(t.num_stages > 1), HAS_RES=c(res), BLOCK_ROW=c(row_block(HID)), PDL=c(False),
+        SECTORS=c(0)), t
 
 
 def router_args(t: int, e: int, norm: bool, res: bool) -> tuple[dict, int]:
@@ -84,6 +101,11 @@ def compile_dense(m: int, norm: bool, res: bool, scale: str = "fp32"):  # noqa: 
     return build(gemv, "_dense_gemv_kernel", a, t.num_warps, t.num_stages)
 
 
+def compile_rope(m: int, res: bool, scale: str = "fp32"):  # noqa: ANN201
+    a, t = rope(m, res, scale)
+    return build(gemv_rope, "_gemv_rope_kernel", a, t.num_warps, t.num_stages)
+
+
 def compile_router(t: int, e: int, norm: bool, res: bool):  # noqa: ANN201
     a, warps = router_args(t, e, norm, res)
     return _compile(router, "_router_kernel", a, warps)
@@ -98,6 +120,9 @@ def main() -> None:
             norm, res = NORMS[label.split(".")[0]]
             k = compile_dense(m, norm, res, SCALES.get(label, "fp32"))
             print(report_dense(k, f"dense_gemv.qkv.M{m}.{label}", args.sass), flush=True)
+        for label in SCALES:  # rope + K/V cache write as the epilogue (always the norm)
+            k = compile_rope(m, NORMS[label.split(".")[0]][1], SCALES[label])
+            print(report_dense(k, f"dense_gemv_rope.qkv.M{m}.{label}", args.sass), flush=True)
     for e in (32, 128):
         for t in (1, 8):
             for label, (norm, res) in NORMS.items():

@@ -119,6 +119,15 @@ def _gemv_rope_kernel(
     m_in = tl.minimum(m, M - 1)  # rows past M repeat the last one (stores drop them)
     x_rows = m_in.to(tl.int64) * stride_xm
     r_rows = m_in.to(tl.int64) * stride_rm
+    # the epilogue's inputs first: their round trips (position, then its table row) overlap the
+    # weight stream instead of adding to every program's tail. Positions in 32 bits (a table of
+    # P·d/2 < 2³¹ entries; a 64-bit remainder would be a subroutine call).
+    pos = tl.load(POS + m_in).to(tl.int32)  # [M_P]
+    slot = tl.load(SLOT + m_in).to(tl.int64)
+    cs_off = pos[None, :] * HALF + i[:, None]  # [PAIRS, M_P]
+    c = tl.load(COS + cs_off)
+    s = tl.load(SIN + cs_off)
+    ring = (pos % CAP).to(tl.int64)[None, :]  # [1, M_P] the cache row
     inv = _norm_inv_rms(X, R, S_OUT, stride_xm, stride_rm, stride_sm, M, K, eps, pid == 0,
                         M_P, BLOCK_ROW, HAS_RES)  # [M_P]; program 0 writes the new residual
     k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -155,10 +164,6 @@ def _gemv_rope_kernel(
     y2 = y2.to(dt)
     ok = (m < M)[None, :]  # [1, M_P]
     if h < NQ + NKV:  # q or k: rotate the pairs, fp32 from the rounded projection
-        pos = tl.load(POS + m_in).to(tl.int64)  # [M_P]
-        cs_off = pos[None, :] * HALF + i[:, None]  # [PAIRS, M_P]
-        c = tl.load(COS + cs_off)
-        s = tl.load(SIN + cs_off)
         a = y1.to(tl.float32)
         bb = y2.to(tl.float32)
         o1 = (a * c - bb * s).to(dt)
@@ -168,16 +173,12 @@ def _gemv_rope_kernel(
             tl.store(q_ptr, o1, mask=ok)
             tl.store(q_ptr + HALF, o2, mask=ok)
         else:
-            slot = tl.load(SLOT + m_in).to(tl.int64)
-            kc_ptr = (KC + slot[None, :] * skc_s + (pos % CAP)[None, :] * skc_c
-                      + (h - NQ) * skc_h + i[:, None])
+            kc_ptr = KC + slot[None, :] * skc_s + ring * skc_c + (h - NQ) * skc_h + i[:, None]
             tl.store(kc_ptr, o1.to(KC.dtype.element_ty), mask=ok)
             tl.store(kc_ptr + HALF, o2.to(KC.dtype.element_ty), mask=ok)
     else:  # v: stored as projected
-        pos = tl.load(POS + m_in).to(tl.int64)
-        slot = tl.load(SLOT + m_in).to(tl.int64)
-        vc_ptr = (VC + slot[None, :] * svc_s + (pos % CAP)[None, :] * svc_c
-                  + (h - NQ - NKV) * svc_h + i[:, None])
+        vc_ptr = (VC + slot[None, :] * svc_s + ring * svc_c + (h - NQ - NKV) * svc_h
+                  + i[:, None])
         tl.store(vc_ptr, y1.to(VC.dtype.element_ty), mask=ok)
         tl.store(vc_ptr + HALF, y2.to(VC.dtype.element_ty), mask=ok)
 

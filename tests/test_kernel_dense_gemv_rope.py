@@ -191,6 +191,18 @@ def test_bad_inputs_raise_value_errors(what: str, match: str) -> None:
         norm_linear_rope_small(**bad(case, what))
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_compiles_for_the_h100_at_the_20b_shape(m: int) -> None:
+    """sm_90a on the CPU (bench/norm_compile.py): at most one 4-byte spill, which ptxas places
+    outside the K loop (a value saved before the prologue's row loop and reloaded once after it,
+    offline SASS)."""
+    from bench.norm_compile import compile_rope, usage
+
+    for res, scale in ((True, "bf16"), (True, "fp32"), (False, "fp32")):
+        regs, spill = usage(compile_rope(m, res=res, scale=scale))
+        assert regs <= 168 and spill <= 4, (res, scale, regs, spill)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 2])
