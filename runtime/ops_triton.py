@@ -248,7 +248,8 @@ class TritonOps(NormThenOp):
         dense GEMV's variants (one per padded row count 1, 2, 4, 8, with and without the norm
         prologue, which the first layer takes without a residual) are not compiled here: the
         engine's warm-up steps of 1, 2, 4, 8 tokens and its decode graph buckets compile them.
-        The dummy cache slot is used."""
+        With fuse_rope, the fused qkv + rope launch is compiled here for every decode row count
+        it takes (the warm-up's prompt steps do not reach it). The dummy cache slot is used."""
         cfg = weights.config
         layer = weights.layers[0]
         dev, dt = caches[0][0].device, caches[0][0].dtype
@@ -267,12 +268,31 @@ class TritonOps(NormThenOp):
                 self.norm_moe(x[:t], x[:t], layer.mlp_norm, cfg.rms_norm_eps, layer, cfg)
         q = torch.zeros(max_rows, cfg.num_attention_heads, cfg.head_dim, device=dev, dtype=dt)
         positions = torch.zeros(max_rows, device=dev, dtype=torch.long)
+        if self.fuse_rope:
+            self._warm_rope(layer, cfg, caches[0][0], caches[0][1], x, max_rows)
         for k_cache, v_cache, window in caches:
             slots = torch.full((max_rows,), k_cache.shape[0] - 1, device=dev, dtype=torch.long)
             for rows in range(1, max_rows + 1):
                 decode_attention(q[:rows], k_cache, v_cache, slots[:rows], positions[:rows],
                                  layer.sinks, window, cfg.head_dim**-0.5,
                                  config=_decode_variant(rows))
+
+    def _warm_rope(self, layer: LayerWeights, cfg: ModelConfig, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, x: torch.Tensor, max_rows: int) -> None:
+        """norm_linear_rope_small at each row count it serves, with and without a residual (the
+        first layer), writing the dummy slot at position 0."""
+        dev = x.device
+        table = torch.zeros(1, cfg.head_dim // 2, device=dev)  # [1, d/2]: position 0 only
+        slots = torch.full((max_rows,), k_cache.shape[0] - 1, device=dev, dtype=torch.long)
+        positions = torch.zeros(max_rows, device=dev, dtype=torch.long)
+        for rows in range(1, max_rows + 1):
+            if not self._norm_gemv(x[:rows], layer.qkv_weight):
+                continue
+            for residual in (None, x[:rows]):
+                norm_linear_rope_small(
+                    x[:rows], residual, self._gemv_scale(layer.attn_norm), cfg.rms_norm_eps,
+                    layer.qkv_weight, layer.qkv_bias, table, table, positions[:rows],
+                    slots[:rows], k_cache, v_cache, cfg.num_attention_heads)
 
     def moe(self, x: torch.Tensor, layer: LayerWeights, config: ModelConfig) -> torch.Tensor:
         if self._moe_forward is not None:

@@ -109,3 +109,24 @@ def test_fuse_rope_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("GPTOSS_FUSE_ROPE", "maybe")
     with pytest.raises(ValueError, match="GPTOSS_FUSE_ROPE"):
         TritonOps()
+
+
+def test_warm_compiles_the_fused_launch_at_every_row_count_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TritonOps.warm's rope part: each row count within the limits, with and without a
+    residual, writing only the dummy slot."""
+    calls = spy(monkeypatch)
+    cfg = preset("tiny")
+    ops = TritonOps(2, fuse_norm=True, fuse_norm_rows=8, fuse_rope=True)
+    model = make_model(ops)
+    k_cache, v_cache = model.cache.k[0], model.cache.v[0]
+    k_cache.fill_(1.0)
+    v_cache.fill_(1.0)
+    x = torch.randn(4, cfg.hidden_size)
+    ops._warm_rope(model.w.layers[0], cfg, k_cache, v_cache, x, max_rows=4)
+    assert calls == {"fused": 4, "rope": 0}  # rows 1 and 2 (dense_gemv_rows), × 2
+    dummy = k_cache.shape[0] - 1
+    assert not torch.equal(k_cache[dummy, 0], torch.ones_like(k_cache[dummy, 0]))
+    assert torch.equal(k_cache[:dummy], torch.ones_like(k_cache[:dummy]))
+    assert torch.equal(v_cache[:dummy], torch.ones_like(v_cache[:dummy]))
