@@ -76,6 +76,18 @@ class BothOps:
                         f"resid {rel(g[1], a[1]):.1e}")
         return a
 
+    def norm_linear_rope(self, x, residual, scale, eps, w, b, cos, sin, batch, kc, vc,  # noqa: ANN001, ANN201
+                         config):
+        kc2, vc2 = kc.clone(), vc.clone()
+        a = self.t.norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch, kc, vc,
+                                    config)
+        g = self.g.norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch, kc2, vc2,
+                                    config)
+        self.log.append(f"norm_linear_rope M={x.shape[0]} q {rel(g[0], a[0]):.1e} "
+                        f"resid {rel(g[1], a[1]):.1e} kcache {rel(kc2, kc):.1e} "
+                        f"vcache {rel(vc2, vc):.1e}")
+        return a
+
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201
         a = self.t.norm_moe(x, residual, scale, eps, layer, config)
         b = self.g.norm_moe(x, residual, scale, eps, layer, config)
