@@ -22,8 +22,8 @@ PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 WORK="${WORK:-/tmp/gpu_decode_load}"
 # The default stages' limits add up to 570 s (one runner command allows 600); the others
-# (tests_moe, decode_pdl, decode_pdl_nopf, moe_pdl, timeline_pdl, moe_sw, access, norm_gemv,
-# decode_rope) run when named in STAGES.
+# (tests_moe, decode_pdl, decode_pdl_nopf, decode_rope, moe_pdl, timeline_pdl, moe_sw,
+# moe_prefill2, moe_tk, access, norm_gemv) run when named in STAGES.
 STAGES="${STAGES:-tests,dense,moe1,decode,decode_cublas,load}"
 mkdir -p "$WORK/load"
 declare -A BEFORE
@@ -91,6 +91,10 @@ g6_n32k256f16bc,g7_n32k256f32fr1
 # 128-token tiles) beside today's PREFILL_SA (notes/moe.md "Prefill GEMMs at 4096 tokens")
 stage moe_prefill2 140 $PY -m bench.moe --shapes 20b --tokens 1024,4096 --sweep --only \
   m_p_pf4w_sa,p2_sa_ready,p2_m128n64,p2_m128n64k128,p2_m128n128w8
+# triton_kernels' matmul_ogs beside our MoE (issue 5's optional backend): needs
+# third_party/triton_kernels (bash bench/fetch_triton_kernels.sh here, `third_party` carried)
+stage moe_tk 120 env PYTHONPATH="$PWD/third_party:$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+  $PY -m bench.moe --shapes 20b,120b --tokens 1,8,64,4096 --triton-kernels
 stage access 40 $PY -m bench.access_pattern
 stage norm_gemv 40 $PY -m bench.norm_gemv
 stage load 150 env SLOTS=512 LEVELS="${LOAD_LEVELS:-512}" REQUESTS="${LOAD_REQUESTS:-3072}" \
@@ -106,6 +110,7 @@ done
 [[ -f "$WORK/moe_sw.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe_sw.log"
 [[ -f "$WORK/moe_prefill2.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe_prefill2.log" \
   && grep -hE '"tokens": (1024|4096),' "$WORK/new-moe.jsonl" | grep -o '"sweep_us": {[^}]*}'
+[[ -f "$WORK/moe_tk.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe_tk.log"
 [[ -f "$WORK/timeline_pdl.log" ]] && grep -h -A12 "^== 20b" "$WORK/timeline_pdl.log"
 [[ -f "$WORK/moe1.log" ]] && sed -n '/== MoE layer summary/,$p' "$WORK/moe1.log" \
   && grep -ho '"sweep_us": {[^}]*}' "$WORK/new-moe.jsonl"
