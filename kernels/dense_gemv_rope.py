@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
-from kernels.dense_gemv import MAX_ROWS, GemvDenseTiles, _fma_step, _load_tiles
+from kernels.dense_gemv import DTYPES, GemvDenseTiles, _fma_step, _load_tiles
+from kernels.dense_gemv import _check as _check_gemv
 from kernels.dense_gemv_norm import choose_norm_tiles, norm_linear_small_ref
 from kernels.jit import KernelSet
 from kernels.norm_prologue import (
@@ -45,14 +46,12 @@ from kernels.norm_prologue import (
     row_block,
 )
 from kernels.pdl import prefetch_rows, wait_then_release
-from kernels.rope import rope_cache_write_ref
+from kernels.rope import rope_cache_write_ref, split_qkv
 
 jit = KernelSet(globals())
 for _helper in (_norm_inv_rms, _norm_tile, _load_normed, _fma_step, _load_tiles):
     jit(_helper)
 pdl.register(jit)
-
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def norm_linear_rope_small_ref(
@@ -73,10 +72,7 @@ def norm_linear_rope_small_ref(
     """The oracle: norm_linear_small_ref then rope_cache_write_ref → (rotated q [M, nq, d], new
     residual [M, K])."""
     qkv, s = norm_linear_small_ref(x, residual, scale, eps, w, b)  # [M, N]
-    m, (nkv, d) = x.shape[0], k_cache.shape[2:]
-    q = qkv[:, : num_heads * d].view(m, num_heads, d)
-    k = qkv[:, num_heads * d : (num_heads + nkv) * d].view(m, nkv, d)
-    v = qkv[:, (num_heads + nkv) * d :].view(m, nkv, d)
+    q, k, v = split_qkv(qkv, num_heads, *k_cache.shape[2:])
     q = rope_cache_write_ref(q, k, v, cos_table, sin_table, positions, slot_ids, k_cache, v_cache)
     return q, s
 
@@ -189,20 +185,10 @@ def _check(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cos_table: 
            tiles: GemvDenseTiles | None) -> GemvDenseTiles:
     """Raises ValueError unless the launch fits; returns its tiles (given or chosen)."""
     who = "norm_linear_rope_small"
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.shape[1] == 0:
-        raise ValueError(f"{who}: x must be [M, K] and w [N, K] with K ≥ 1, got "
-                         f"{tuple(x.shape)}, {tuple(w.shape)}")
+    _check_gemv(x, w, b)  # the projection's own inputs (shapes, dtypes, strides, bias, device)
+    if x.shape[1] == 0:
+        raise ValueError(f"{who}: x must have K ≥ 1 columns, got {tuple(x.shape)}")
     m, n = x.shape[0], w.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"{who}: at most {MAX_ROWS} rows of x, got {m}")
-    if x.dtype != w.dtype or x.dtype not in DTYPES:
-        raise ValueError(f"{who}: x and w must share one of {DTYPES}, got {x.dtype}, {w.dtype}")
-    if x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError(f"{who}: x and w rows must be contiguous, got strides {x.stride()}, "
-                         f"{w.stride()}")
-    if b is not None and (b.shape != (n,) or b.stride(0) != 1 or not b.is_floating_point()):
-        raise ValueError(f"{who}: bias must be a contiguous float [{n}], got {b.dtype} "
-                         f"{tuple(b.shape)}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if (cache.dim() != 4 or cache.stride(3) != 1 or cache.shape != k_cache.shape
                 or cache.dtype not in DTYPES):
@@ -228,7 +214,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cos_table: 
     if t.dot or t.block_n < 2 or (d // 2) % (t.block_n // 2):
         raise ValueError(f"{who}: tiles must be FMA tiles whose block_n / 2 divides d/2 = "
                          f"{d // 2}, got {t}")
-    tensors = (w, b, cos_table, sin_table, positions, slot_ids, k_cache, v_cache)
+    tensors = (cos_table, sin_table, positions, slot_ids, k_cache, v_cache)
     if any(t is not None and t.device != x.device for t in tensors):
         raise ValueError(f"{who}: all tensors must be on x's device {x.device}")
     return t

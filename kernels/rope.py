@@ -28,6 +28,21 @@ jit = KernelSet(globals())
 pdl.register(jit)
 
 
+def split_qkv(
+    qkv: torch.Tensor,  # [T, (nq + 2·nkv)·d] the attention's projection
+    num_heads: int,  # nq
+    num_kv_heads: int,  # nkv
+    head_dim: int,  # d
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q [T, nq, d], k [T, nkv, d], v [T, nkv, d] of one qkv projection (q heads first,
+    then k, then v: the checkpoint's row order)."""
+    t, q_size, kv_size = qkv.shape[0], num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(t, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(t, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(t, num_kv_heads, head_dim)
+    return q, k, v
+
+
 def apply_rope_ref(
     x: torch.Tensor,  # [T, n, d]
     cos: torch.Tensor,  # [T, d/2] fp32, rows already gathered at each token's position

@@ -14,7 +14,7 @@ from kernels.decode_attention import decode_attention_ref
 from kernels.moe_ref import moe_ref
 from kernels.prefill_attention import prefill_attention_ref
 from kernels.rmsnorm import rmsnorm_ref
-from kernels.rope import rope_cache_write_ref
+from kernels.rope import rope_cache_write_ref, split_qkv
 from runtime.batch import Batch
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights, ModelWeights
@@ -85,10 +85,8 @@ class NormThenOp:
     def norm_linear_rope(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
                          v_cache, config):
         qkv, new_residual = self.norm_linear(x, residual, scale, eps, w, b)  # [T, N]
-        t, nq, nkv = qkv.shape[0], config.num_attention_heads, config.num_key_value_heads
-        q = qkv[:, : config.q_size].view(t, nq, config.head_dim)
-        k = qkv[:, config.q_size : config.q_size + config.kv_size].view(t, nkv, config.head_dim)
-        v = qkv[:, config.q_size + config.kv_size :].view(t, nkv, config.head_dim)
+        q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads,
+                            config.head_dim)
         q = self.rope_cache_write(q, k, v, cos, sin, batch, k_cache, v_cache)
         return q, new_residual
 
