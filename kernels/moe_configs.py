@@ -211,10 +211,14 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     """By the average rows per expert (H100 sweep of 2026-11-25, commit 0e4f817): GEMVs up to
-    one row per expert (and GEMV_MAX_PAIRS pairs), then tiles with the exponents loaded a step
+    one row per expert (and GEMV_MAX_PAIRS pairs; one token: GEMV_ONE, run 49), then tiles with the exponents loaded a step
     ahead: 16-row decode tiles up to 8 rows, 32-row tiles up to 64, 64-row prefill tiles above."""
     rows = tokens * top_k / num_experts
     pairs = tokens * top_k
+    if tokens == 1:  # single-stream decode: the f16 step, loads first, combine in GEMM 2
+        from kernels.moe_configs_gemv import GEMV_ONE
+
+        return GEMV_ONE
     if pairs <= GEMV_MAX_PAIRS and rows <= 1:
         return GEMV_FAST
     if rows <= 8:

@@ -116,6 +116,9 @@ GEMV_LOADSFIRST_CANDIDATES: dict[str, MoEConfig] = {
     "g6_n32k256f16bw": _first(32, 256, words=True),  # + scale words
     "g6_n32k256f16bc": _first(32, 256, fuse=True),  # + the combine folded into GEMM 2
 }
+# One token's default (choose_config): g6_n32k256f16bc, 36.5 µs per 20b layer against 39.4 for
+# GEMV_FAST on an H100 (run 49, 2026-12-07, 427ea7b; bench/results/moe.jsonl).
+GEMV_ONE = GEMV_LOADSFIRST_CANDIDATES["g6_n32k256f16bc"]
 
 
 # The fused router's one-token plan from registers (MoEConfig.router_fast_one,

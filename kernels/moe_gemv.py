@@ -218,6 +218,7 @@ def moe_gemv(
             s2.stride(2), ex, part, part.stride(0), part.stride(1), h, inter, pairs, k_per_split,
             wt, b2, b2.stride(0), out, out.stride(0), cnt,
             TOPK=top_k, SPLIT_K=split, **{"PREFETCH": 0, **_launch(g2, deq, x.device)},
+            **pdl.launch_args(x.device),
         )
         return out
     jit["_gemv2_kernel"][(pairs * split * n_blocks,)](

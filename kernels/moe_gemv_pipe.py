@@ -122,10 +122,13 @@ def _gemv2_fused_kernel(
     EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,
     WEIGHTS, B, stride_be, OUT, stride_o, COUNTERS,
     TOPK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DEQ: tl.constexpr, EMULATE: tl.constexpr, PREFETCH: tl.constexpr,
+    DEQ: tl.constexpr, EMULATE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """moe_gemv._gemv2_kernel, then the last of the N block's n_pairs·SPLIT_K programs to arrive
-    combines the block for every token into OUT (x's dtype) and resets the block's counter."""
+    combines the block for every token into OUT (x's dtype) and resets the block's counter.
+    PDL: GEMM 1's act complete before any load (no code prefetch before the wait: the next
+    kernel only launches early, and its own wait covers this grid's combine)."""
+    wait_then_release(PDL)  # noqa: F821 - kernels/pdl.py, registered with moe_gemv_kernels
     nb, rows = _gemv2_part(  # noqa: F821 - moe_gemv_kernels'
         A, stride_a, W, stride_we, stride_wn, S, stride_se, stride_sn, stride_sg,
         EXPERTS, PART, stride_ps, stride_pp, n_rows, k_dim, n_pairs, k_per_split,

@@ -71,8 +71,8 @@ def test_prefetch_sectors_cover_a_row_and_cost_no_variant_when_off(
 def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A one-token decode step of the tiny model with the Triton ops (interpreted): the dense
-    GEMVs, the router, both MoE GEMVs, the combine, rope and the fused decode attention all
+    """One- and two-token decode steps of the tiny model with the Triton ops (interpreted): the
+    dense GEMVs, the router, both MoE GEMVs, the combine, rope and the fused decode attention all
     take their launch flags from kernels.pdl (a launcher that dropped them would fail here)."""
     callers: set[tuple[str, bool]] = set()  # (launcher, with a weight-row prefetch)
     real = pdl.launch_args
@@ -90,10 +90,14 @@ def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
     model.hidden(build_batch(StepPlan((SeqWork(0, (5, 9, 200), 0, sample=True),)), "cpu"))
     callers.clear()
     model.hidden(build_batch(StepPlan((SeqWork(0, (7,), 3, sample=True),)), "cpu"))
-    # moe_gemv launches GEMM 2 (which prefetches its code rows) and the combine (which does not)
+    # one token (GEMV_ONE): moe_gemv launches GEMM 2 with the combine folded in
     assert {("linear_small", True), ("route_fused", False), ("gemv1_swiglu", False),
-            ("moe_gemv", True), ("moe_gemv", False), ("rope_cache_write", False),
+            ("moe_gemv", False), ("rope_cache_write", False),
             ("launch_fused", False)} <= callers, callers
+    callers.clear()  # two tokens (GEMV_FAST): GEMM 2 (prefetching its code rows), the combine
+    model.hidden(build_batch(StepPlan((SeqWork(0, (7,), 4, sample=True),
+                                       SeqWork(1, (8,), 2, sample=True))), "cpu"))
+    assert {("moe_gemv", True), ("moe_gemv", False)} <= callers, callers
 
 
 def engine(monkeypatch: pytest.MonkeyPatch, on: bool, **kw):  # noqa: ANN201
