@@ -210,19 +210,24 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
 
 
 def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """By the average rows per expert (H100 sweep of 2026-11-25, commit 0e4f817): GEMVs up to
-    one row per expert (and GEMV_MAX_PAIRS pairs; one token: GEMV_ONE, run 49), then tiles with the exponents loaded a step
-    ahead: 16-row decode tiles up to 8 rows, 32-row tiles up to 64, 64-row prefill tiles above."""
+    """By the average rows per expert (H100 sweep of 2026-11-25, commit 0e4f817; runs 49/50 of
+    2026-12-07): GEMVs up to one row per expert (and GEMV_MAX_PAIRS pairs), then tiles with the
+    exponents loaded a step ahead: 16-row decode tiles up to 8 rows, 32-row tiles up to 64,
+    64-row prefill tiles above, with the activations stored in MMA order first from 256 rows
+    (4096 tokens of 20b: 2640 vs 2715 µs on an H100, 2336 vs 2569 on an H200; at 1024 tokens,
+    128 rows, the two tie)."""
     rows = tokens * top_k / num_experts
     pairs = tokens * top_k
-    if tokens == 1:  # single-stream decode: the f16 step, loads first, combine in GEMM 2
-        from kernels.moe_configs_gemv import GEMV_ONE
+    if pairs <= GEMV_MAX_PAIRS and rows <= 1:  # the f16 step with its loads first
+        from kernels.moe_configs_gemv import GEMV_ONE, GEMV_SMALL
 
-        return GEMV_ONE
-    if pairs <= GEMV_MAX_PAIRS and rows <= 1:
-        return GEMV_FAST
+        return GEMV_ONE if tokens == 1 else GEMV_SMALL  # one token: the combine in GEMM 2
     if rows <= 8:
         return DECODE_SA
     if rows <= 64:
         return MIDDLE_SA
-    return PREFILL_SA
+    if rows < 256:
+        return PREFILL_SA
+    from kernels.moe_configs_prefill import PREFILL2_CANDIDATES  # (it imports this module)
+
+    return PREFILL2_CANDIDATES["p2_sa_ready"]

@@ -116,9 +116,13 @@ GEMV_LOADSFIRST_CANDIDATES: dict[str, MoEConfig] = {
     "g6_n32k256f16bw": _first(32, 256, words=True),  # + scale words
     "g6_n32k256f16bc": _first(32, 256, fuse=True),  # + the combine folded into GEMM 2
 }
-# One token's default (choose_config): g6_n32k256f16bc, 36.5 µs per 20b layer against 39.4 for
-# GEMV_FAST on an H100 (run 49, 2026-12-07, 427ea7b; bench/results/moe.jsonl).
+# The GEMV defaults (choose_config; bench/results/moe.jsonl). One token: g6_n32k256f16bc, 36.5 µs
+# per 20b layer against 39.4 for GEMV_FAST on an H100 (run 49, 427ea7b); 34.1 vs 38.1 on an H200
+# (run 50). More tokens up to the GEMV's limit: g6_n32k256f16b (the folded combine loses there:
+# one program sums every pair), 8 tokens 161.9 vs 180.4 µs (20b) and 176.4 vs 192.0 (120b) on
+# the H200 (run 50).
 GEMV_ONE = GEMV_LOADSFIRST_CANDIDATES["g6_n32k256f16bc"]
+GEMV_SMALL = GEMV_LOADSFIRST_CANDIDATES["g6_n32k256f16b"]
 
 
 # The fused router's one-token plan from registers (MoEConfig.router_fast_one,

@@ -21,6 +21,7 @@ from kernels.moe import (
     router_logits,
 )
 from kernels.moe_configs import DECODE_SA, GEMV_FAST, MIDDLE_SA, PREFILL_SA
+from kernels.moe_configs_prefill import PREFILL2_CANDIDATES
 from kernels.moe_gemm import GemmTiles
 from kernels.moe_ref import experts_ref, route_ref
 from kernels.moe_routing import route
@@ -127,7 +128,9 @@ def test_config_follows_rows_per_expert() -> None:
     assert choose_config(128, 4, 32) is MIDDLE_SA  # 16 rows
     assert choose_config(512, 4, 32) is MIDDLE_SA  # 64 rows
     assert choose_config(513, 4, 32) is PREFILL_SA
-    assert choose_config(4096, 4, 32) is PREFILL_SA
+    assert choose_config(2047, 4, 32) is PREFILL_SA  # < 256 rows
+    # 4096 tokens of 20b: the activations in MMA order first (H100 run 49, H200 run 50)
+    assert choose_config(4096, 4, 32) is PREFILL2_CANDIDATES["p2_sa_ready"]
 
 
 def test_defaults_are_the_measured_sweep_candidates() -> None:

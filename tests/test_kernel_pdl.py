@@ -19,6 +19,7 @@ import kernels.pdl as pdl
 from bench.kernels_compile import build, c
 from bench.norm_compile import dense, router_args
 from kernels.moe import choose_config
+from kernels.moe_gemv_fence import PF_FENCE
 from runtime.batch import build_batch
 from runtime.config import preset
 from runtime.kv_cache import CacheShape, KVCache
@@ -173,10 +174,19 @@ def test_compiled_decode_kernels_touch_nothing_but_constants_before_the_wait() -
     a, warps = router_args(1, 32, norm=True, res=True)
     assert pre_wait_ops(mc._compile(router, "_router_kernel", dict(a, PDL=True),
                                     warps).asm["ptx"]) == []
-    g2 = choose_config(1, 4, 32).gemv.gemm2
+    g2 = choose_config(2, 4, 32).gemv.gemm2  # (one token folds the combine into GEMM 2)
+    pf = PF_FENCE.value if g2.loads_first else 3 if g2.async_copy else g2.prefetch
     a = dict(mc.gemv_args(2, g2.dequant), BLOCK_N=g2.block_n, BLOCK_K=g2.block_k,
-             PREFETCH=3 if g2.async_copy else g2.prefetch, SPLIT_K=g2.split_k, PDL=True,
+             PREFETCH=pf, SPLIT_K=g2.split_k, PDL=True,
              SECTORS=pdl.sectors(triton.cdiv(mc.INTER // 32, g2.split_k) * 32 // 2))
     ops = pre_wait_ops(mc._compile(mc.gemv, "_gemv2_kernel", a, g2.num_warps,
                                    g2.num_stages).asm["ptx"])
     assert len(ops) == 1 and ops[0].startswith("ld.global.cg.b32"), ops  # the pair's expert
+    one = choose_config(1, 4, 32).gemv  # one token: GEMM 2 with the combine folded in
+    assert one.fuse_combine
+    g2 = one.gemm2
+    a = dict(mc.gemv_args(2, g2.dequant), BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, PREFETCH=0,
+             SPLIT_K=g2.split_k, PDL=True, WEIGHTS="*fp32", B="*fp32", stride_be=mc.HID,
+             OUT="*bf16", stride_o=mc.HID, COUNTERS="*i32", TOPK=4)
+    assert pre_wait_ops(mc._compile(mc.gemv, "_gemv2_fused_kernel", a, g2.num_warps,
+                                    g2.num_stages).asm["ptx"]) == []
