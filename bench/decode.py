@@ -135,6 +135,7 @@ def main() -> None:
                               "step_ms": t * 1e3, "cuda_graphs": args.graphs, "overlap": overlap,
                               "dense_gemv_rows": getattr(engine.model.ops, "dense_gemv_rows", 0),
                               "fuse_norm": getattr(engine.model.ops, "fuse_norm", False),
+                              "fuse_rope": getattr(engine.model.ops, "fuse_rope", False),
                               "pdl": pdl.enabled()})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)
