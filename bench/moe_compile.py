@@ -33,6 +33,7 @@ from kernels.moe_configs import (
     PREFILL_CANDIDATES,
     MoEConfig,
 )
+from kernels.moe_configs_decode2 import DECODE2_CANDIDATES
 from kernels.moe_configs_gemv import (
     GEMV2_CANDIDATES,
     GEMV_LOADSFIRST_CANDIDATES,
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     # (GEMV_SPLIT_CANDIDATES are not here: their GEMM 1 is kernels/moe_gemv_split.py's.)
     configs = {**GEMV_CANDIDATES, **GEMV2_CANDIDATES, **GEMV_WAVE_CANDIDATES, **DECODE_CANDIDATES,
                **PREFILL_CANDIDATES, **LATENCY_CANDIDATES, **GEMV_SCALEWORD_CANDIDATES,
-               **GEMV_LOADSFIRST_CANDIDATES, **PREFILL2_CANDIDATES}
+               **GEMV_LOADSFIRST_CANDIDATES, **PREFILL2_CANDIDATES, **DECODE2_CANDIDATES}
     if args.configs != "all":
         configs = {k: configs[k] for k in args.configs.split(",")}
     for name, mc in configs.items():

@@ -194,7 +194,10 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
         out.update(GEMV_LOADSFIRST_CANDIDATES)
         out.update(GEMV_ROUTERONE_CANDIDATES)
     if rows <= 32:
+        from kernels.moe_configs_decode2 import DECODE2_CANDIDATES  # wider tiles, stages
+
         out.update(DECODE_CANDIDATES)
+        out.update(DECODE2_CANDIDATES)
     if rows >= 4:
         out.update(PREFILL_CANDIDATES)
     if rows >= 64:  # prefill tiles, activations in MMA order (kernels/moe_configs_prefill.py)
