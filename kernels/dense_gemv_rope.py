@@ -36,6 +36,7 @@ from kernels import pdl
 from kernels.dense_gemv import DTYPES, GemvDenseTiles, _fma_step, _load_tiles
 from kernels.dense_gemv import _check as _check_gemv
 from kernels.dense_gemv_norm import choose_norm_tiles, norm_linear_small_ref
+from kernels.dense_gemv_rope_opts import RopeGemvOpts, chosen
 from kernels.jit import KernelSet
 from kernels.norm_prologue import (
     _load_normed,
@@ -90,6 +91,53 @@ def _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv, k0, k, K, EVEN_K: tl.
     return w1, w2, xv
 
 
+@jit
+def _pair_loop(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv, k, K, M_P: tl.constexpr,
+               PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+               EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, HAS_RES: tl.constexpr):
+    """The K loop over both halves' [PAIRS, BLOCK_K] tiles, which share the normalized x tiles
+    → ([PAIRS, M_P], [PAIRS, M_P]) fp32."""
+    KC_: tl.constexpr = BLOCK_K // VEC
+    part1 = tl.zeros([M_P, PAIRS, KC_], dtype=tl.float32)  # summed over VEC, as the dense GEMV
+    part2 = tl.zeros([M_P, PAIRS, KC_], dtype=tl.float32)
+    if PREFETCH:  # the next step's tiles load while this one's FMAs run
+        w1, w2, xv = _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv, 0, k, K, EVEN_K,
+                                 HAS_RES)
+        for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+            w1_n, w2_n, x_n = _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv, k0, k, K,
+                                          False, HAS_RES)
+            part1 = _fma_step(part1, w1, xv, M_P, PAIRS, KC_, VEC)
+            part2 = _fma_step(part2, w2, xv, M_P, PAIRS, KC_, VEC)
+            w1, w2, xv = w1_n, w2_n, x_n
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w1, w2, xv = _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv, k0, k, K, EVEN_K,
+                                     HAS_RES)
+            part1 = _fma_step(part1, w1, xv, M_P, PAIRS, KC_, VEC)
+            part2 = _fma_step(part2, w2, xv, M_P, PAIRS, KC_, VEC)
+    return tl.trans(tl.sum(part1, axis=2)), tl.trans(tl.sum(part2, axis=2))
+
+
+@jit
+def _gemv_loop(w_ptr, x_ptr, r_ptr, sc_ptr, inv, k, K, M_P: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr,
+               PREFETCH: tl.constexpr, HAS_RES: tl.constexpr):
+    """The plain norm GEMV's K loop over one [ROWS, BLOCK_K] tile → [M_P, ROWS] fp32."""
+    KC_: tl.constexpr = BLOCK_K // VEC
+    part = tl.zeros([M_P, ROWS, KC_], dtype=tl.float32)
+    if PREFETCH:
+        w, xv = _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv, 0, k, K, EVEN_K, HAS_RES)
+        for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+            w_n, x_n = _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv, k0, k, K, False, HAS_RES)
+            part = _fma_step(part, w, xv, M_P, ROWS, KC_, VEC)
+            w, xv = w_n, x_n
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w, xv = _load_normed(w_ptr, x_ptr, r_ptr, sc_ptr, inv, k0, k, K, EVEN_K, HAS_RES)
+            part = _fma_step(part, w, xv, M_P, ROWS, KC_, VEC)
+    return tl.sum(part, axis=2)
+
+
 @jit(do_not_specialize=("M",))
 def _gemv_rope_kernel(
     X, W, B, QO, M, K, stride_xm, stride_wn, stride_qm,
@@ -99,62 +147,73 @@ def _gemv_rope_kernel(
     M_P: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr = False,
-    SECTORS: tl.constexpr = 0,
+    SECTORS: tl.constexpr = 0, ONE_TILE: tl.constexpr = False, EPI_LATE: tl.constexpr = 0,
 ):
     PER_HEAD: tl.constexpr = HALF // PAIRS  # programs per head
     pid = tl.program_id(0)
     h = pid // PER_HEAD  # this program's head: q heads, then k, then v
     i = (pid % PER_HEAD) * PAIRS + tl.arange(0, PAIRS)  # [PAIRS] frequency indices
     rows1 = h * (2 * HALF) + i  # [PAIRS] first-half rows of W; their partners are + HALF
-    w1_rows = rows1.to(tl.int64) * stride_wn
-    w2_rows = (rows1 + HALF).to(tl.int64) * stride_wn
-    prefetch_rows(W + w1_rows, K, SECTORS, PDL)  # kernels/pdl.py, as the dense GEMV
-    prefetch_rows(W + w2_rows, K, SECTORS, PDL)
+    if ONE_TILE:  # kernels/dense_gemv_rope_opts.py: row 2p + j is pair p's half j
+        r = tl.arange(0, 2 * PAIRS)  # [BLOCK_N]
+        rows = h * (2 * HALF) + (pid % PER_HEAD) * PAIRS + r // 2 + (r % 2) * HALF
+        w_rows = rows.to(tl.int64) * stride_wn
+        prefetch_rows(W + w_rows, K, SECTORS, PDL)  # kernels/pdl.py, as the dense GEMV
+    else:
+        w1_rows = rows1.to(tl.int64) * stride_wn
+        w2_rows = (rows1 + HALF).to(tl.int64) * stride_wn
+        prefetch_rows(W + w1_rows, K, SECTORS, PDL)
+        prefetch_rows(W + w2_rows, K, SECTORS, PDL)
     wait_then_release(PDL)
     m = tl.arange(0, M_P)  # [M_P]
     m_in = tl.minimum(m, M - 1)  # rows past M repeat the last one (stores drop them)
     x_rows = m_in.to(tl.int64) * stride_xm
     r_rows = m_in.to(tl.int64) * stride_rm
-    # the epilogue's inputs first: their round trips (position, then its table row) overlap the
-    # weight stream instead of adding to every program's tail. Positions in 32 bits (a table of
-    # P·d/2 < 2³¹ entries; a 64-bit remainder would be a subroutine call).
-    pos = tl.load(POS + m_in).to(tl.int32)  # [M_P]
-    slot = tl.load(SLOT + m_in).to(tl.int64)
-    cs_off = pos[None, :] * HALF + i[:, None]  # [PAIRS, M_P]
-    c = tl.load(COS + cs_off)
-    s = tl.load(SIN + cs_off)
-    ring = (pos % CAP).to(tl.int64)[None, :]  # [1, M_P] the cache row
+    # EPI_LATE 0: the epilogue's inputs first, so their round trips (position, then its table
+    # row) overlap the weight stream, at the price of registers held through the loop.
+    # Positions in 32 bits (a table of P·d/2 < 2³¹ entries; a 64-bit remainder would be a
+    # subroutine call).
+    if EPI_LATE < 2:
+        pos = tl.load(POS + m_in).to(tl.int32)  # [M_P]
+        slot = tl.load(SLOT + m_in).to(tl.int64)
+    if EPI_LATE == 0:
+        cs_off = pos[None, :] * HALF + i[:, None]  # [PAIRS, M_P]
+        c = tl.load(COS + cs_off)
+        s = tl.load(SIN + cs_off)
+        ring = (pos % CAP).to(tl.int64)[None, :]  # [1, M_P] the cache row
     inv = _norm_inv_rms(X, R, S_OUT, stride_xm, stride_rm, stride_sm, M, K, eps, pid == 0,
                         M_P, BLOCK_ROW, HAS_RES)  # [M_P]; program 0 writes the new residual
     k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    w1_ptr = W + w1_rows[:, None] + k[None, :]  # [PAIRS, BLOCK_K]
-    w2_ptr = W + w2_rows[:, None] + k[None, :]
+    if ONE_TILE:
+        w_ptr = W + w_rows[:, None] + k[None, :]  # [BLOCK_N, BLOCK_K]
+    else:
+        w1_ptr = W + w1_rows[:, None] + k[None, :]  # [PAIRS, BLOCK_K]
+        w2_ptr = W + w2_rows[:, None] + k[None, :]
     x_ptr = X + x_rows[:, None] + k[None, :]  # [M_P, BLOCK_K]
     r_ptr = R + r_rows[:, None] + k[None, :]
     sc_ptr = SC + k[None, :]  # [1, BLOCK_K]
-    KC_: tl.constexpr = BLOCK_K // VEC
-    part1 = tl.zeros([M_P, PAIRS, KC_], dtype=tl.float32)  # summed over VEC, as the dense GEMV
-    part2 = tl.zeros([M_P, PAIRS, KC_], dtype=tl.float32)
-    if PREFETCH:  # the next step's tiles load while this one's FMAs run
-        w1, w2, xv = _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], 0, k, K,
-                                 EVEN_K, HAS_RES)
-        for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
-            w1_n, w2_n, x_n = _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], k0,
-                                          k, K, False, HAS_RES)
-            part1 = _fma_step(part1, w1, xv, M_P, PAIRS, KC_, VEC)
-            part2 = _fma_step(part2, w2, xv, M_P, PAIRS, KC_, VEC)
-            w1, w2, xv = w1_n, w2_n, x_n
+    if ONE_TILE:
+        y = _gemv_loop(w_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], k, K, M_P, 2 * PAIRS, BLOCK_K,
+                       VEC, EVEN_K, PREFETCH, HAS_RES)  # [M_P, BLOCK_N]
+        if HAS_BIAS:
+            y += tl.load(B + rows).to(tl.float32)[None, :]
+        y1, y2 = tl.split(tl.reshape(y, [M_P, PAIRS, 2]))  # [M_P, PAIRS] each
+        y1 = tl.trans(y1)  # [PAIRS, M_P]
+        y2 = tl.trans(y2)
     else:
-        for k0 in range(0, K, BLOCK_K):
-            w1, w2, xv = _pair_loads(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], k0, k,
-                                     K, EVEN_K, HAS_RES)
-            part1 = _fma_step(part1, w1, xv, M_P, PAIRS, KC_, VEC)
-            part2 = _fma_step(part2, w2, xv, M_P, PAIRS, KC_, VEC)
-    y1 = tl.trans(tl.sum(part1, axis=2))  # [PAIRS, M_P]
-    y2 = tl.trans(tl.sum(part2, axis=2))
-    if HAS_BIAS:
-        y1 += tl.load(B + rows1).to(tl.float32)[:, None]
-        y2 += tl.load(B + rows1 + HALF).to(tl.float32)[:, None]
+        y1, y2 = _pair_loop(w1_ptr, w2_ptr, x_ptr, r_ptr, sc_ptr, inv[:, None], k, K, M_P, PAIRS,
+                            BLOCK_K, VEC, EVEN_K, PREFETCH, HAS_RES)
+        if HAS_BIAS:
+            y1 += tl.load(B + rows1).to(tl.float32)[:, None]
+            y2 += tl.load(B + rows1 + HALF).to(tl.float32)[:, None]
+    if EPI_LATE == 2:
+        pos = tl.load(POS + m_in).to(tl.int32)
+        slot = tl.load(SLOT + m_in).to(tl.int64)
+    if EPI_LATE >= 1:
+        cs_off = pos[None, :] * HALF + i[:, None]
+        c = tl.load(COS + cs_off)
+        s = tl.load(SIN + cs_off)
+        ring = (pos % CAP).to(tl.int64)[None, :]
     dt = X.dtype.element_ty
     y1 = y1.to(dt)  # the projection's rounding (linear_small's output)
     y2 = y2.to(dt)
@@ -235,6 +294,7 @@ def norm_linear_rope_small(
     v_cache: torch.Tensor,  # [S+1, C, nkv, d], written in place
     num_heads: int,  # nq
     tiles: GemvDenseTiles | None = None,
+    opts: RopeGemvOpts | None = None,  # code shape (same bits); None: $GPTOSS_ROPE_GEMV's
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """norm_linear_rope_small_ref in one launch: (rotated q [M, nq, d] contiguous, new residual
     [M, K]; x itself without a residual), k and v written into the caches. No two rows may
@@ -260,6 +320,7 @@ def norm_linear_rope_small(
         HAS_BIAS=b is not None, EVEN_K=k % t.block_k == 0, PREFETCH=t.num_stages > 1,
         HAS_RES=residual is not None, BLOCK_ROW=row_block(k),
         num_warps=t.num_warps, num_stages=t.num_stages,
+        **(opts if opts is not None else chosen()).constexprs(),
         **pdl.launch_args(x.device, row_bytes=k * w.element_size()),
     )
     return q, norm.new_residual(x)
