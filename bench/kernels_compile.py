@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.decode_attention as dec
+import kernels.decode_latency as lat
 import kernels.decode_variants as var
 import kernels.dense_gemv as gemv
 import kernels.prefill_attention as pre
@@ -90,6 +91,22 @@ def c(v: object) -> tuple[str, object]:
     return ("const", v)
 
 
+def fused_decode(label: str, cfg: var.DecodeVariant, window: int, pdl_on: bool) -> tuple:
+    """The one-launch decode attention with cfg's launch shape at 20b heads, 32k capacity."""
+    bf, f32, i64, i32 = (P, "bf16"), (P, "fp32"), (P, "i64"), (P, "i32")
+    sp = triton.next_power_of_2(cfg.max_splits)
+    return (label, var, "_fused_decode_kernel", dict(
+        Q=bf, KC=bf, VC=bf, SLOT=i64, POS=i64, SINK=f32, OUT=bf, PM=f32, PL=f32, PACC=f32,
+        CNT=i32, sq_b=4096, sq_h=64, skc_s=32768 * 512, skc_c=512, skc_h=64,
+        svc_s=32768 * 512, svc_c=512, svc_h=64, so_b=4096, so_h=64, CAP=32768,
+        qk_scale=0.18, NQ=64, NKV=8, SPLITS=33, WINDOW=c(window), G=c(8), G_P=c(16), G_M=c(8),
+        D=c(64), BLOCK_N=c(cfg.block_n), SPLITS_P=c(sp),
+        MERGE_S=c(min(sp, cfg.merge_splits or var.MERGE_FLOATS // (8 * 64))),
+        KV_TOGETHER=c(cfg.kv_together), PRECISION=c(None), PDL=c(pdl_on),
+        SINK_FIRST=c(cfg.sink_first), MERGE_ONCE=c(cfg.merge_once),
+        EARLY_SLOT=c(cfg.early_slot)), cfg.num_warps, cfg.num_stages)
+
+
 def variants() -> list[tuple[str, object, str, dict, int, int]]:
     bf, f32, i64, i32 = (P, "bf16"), (P, "fp32"), (P, "i64"), (P, "i32")
     out = []
@@ -118,14 +135,10 @@ def variants() -> list[tuple[str, object, str, dict, int, int]]:
                 BLOCK_N=c(block_n), SPLITS=c(splits), SPLITS_P=c(triton.next_power_of_2(splits)),
                 PRECISION=c(None)), 4, 2))
     for pdl_on in (False, True):  # the serving decode (kernels/decode_variants.SERVING)
-        out.append((f"fused_decode W=0 S=33 pdl={pdl_on}", var, "_fused_decode_kernel", dict(
-            Q=bf, KC=bf, VC=bf, SLOT=i64, POS=i64, SINK=f32, OUT=bf, PM=f32, PL=f32, PACC=f32,
-            CNT=i32, sq_b=4096, sq_h=64, skc_s=32768 * 512, skc_c=512, skc_h=64,
-            svc_s=32768 * 512, svc_c=512, svc_h=64, so_b=4096, so_h=64, CAP=32768,
-            qk_scale=0.18, NQ=64, NKV=8, SPLITS=33, WINDOW=c(0), G=c(8), G_P=c(16), G_M=c(8),
-            D=c(64), BLOCK_N=c(var.SERVING.block_n), SPLITS_P=c(64), MERGE_S=c(16),
-            KV_TOGETHER=c(var.SERVING.kv_together), PRECISION=c(None), PDL=c(pdl_on)),
-            var.SERVING.num_warps, var.SERVING.num_stages))
+        out.append(fused_decode(f"fused_decode W=0 S=33 pdl={pdl_on}", var.SERVING, 0, pdl_on))
+    for kind, window in (("window", 128), ("full", 0)):  # kernels/decode_latency.py
+        for name, cfg in getattr(lat, kind.upper()).items():
+            out.append(fused_decode(f"fused_decode {kind} {name}", cfg, window, False))
     out.append(("decode merge S=33", dec, "_merge_kernel", dict(
         POS=i64, SINK=f32, OUT=bf, PM=f32, PL=f32, PACC=f32, so_b=4096, so_h=64, NQ=64,
         WINDOW=c(0), D=c(64), BLOCK_N=c(64), SPLITS=c(33), SPLITS_P=c(64)), 4, 1))

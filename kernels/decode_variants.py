@@ -21,6 +21,13 @@ without a config the two kernels of decode_attention.py run. Same math and split
   loads); `kv_together` issues the V block's load with the K block's, before the math.
 - 32-bit position arithmetic (positions < 2³¹), and full layers index the cache by position
   (positions < C there, as decode_attention requires): no 64-bit division or modulo.
+- Latency options (opt-in, kernels/decode_latency.py has the candidates): `early_slot` makes the
+  early return test the slot too (`slot < 0`, never true for a valid slot), so the compiler cannot
+  sink the slot load below that branch (the SASS of the default issues it only after the
+  position has arrived: position → slot → K/V are 3 round trips, 2 with it); `sink_first` loads the sinks with q (a one-split row
+  otherwise waits one more round trip for them after its keys);
+  `merge_once` has the merging program load every partial (m, ℓ and acc) in one round instead of
+  m/ℓ first, then acc in rounds of MERGE_S: one dependent round trip after the counter, not 3.
 
 Counters: a persistent zeroed int32 buffer per device cached in this module (≥ B·nkv entries, one
 per (row, KV head)); kernels leave it at zero. ONE STREAM AT A TIME may run fused decode
@@ -46,6 +53,7 @@ jit = KernelSet(globals())
 pdl.register(jit)
 MIN_COUNTERS = 1 << 14  # B·nkv ≤ 16384 without growing (64 KB)
 MERGE_FLOATS = 8192  # one merge load round: G·MERGE_S·D fp32 (32 KB, 64 per thread at 4 warps)
+MERGE_ONCE_FLOATS = 16384  # merge_once: G_M·SPLITS_P·D fp32 at most (128 per thread at 4 warps)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class DecodeVariant:
     max_splits: int = 64
     kv_together: bool = False
     merge_splits: int = 0  # partials per merge load round; 0: as many as fit MERGE_FLOATS
+    sink_first: bool = False  # sinks loaded with q (not after the keys, on the one-split path)
+    early_slot: bool = False  # slot issued with the position (not after the early return)
+    merge_once: bool = False  # the merge loads all partials in one round (≤ MERGE_ONCE_FLOATS)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "max_splits", "merge_splits"):
@@ -128,9 +139,9 @@ def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 @jit
-def _finish(OUT, o_rows, cols, hmask, SINK, heads, m, ell, acc):
-    """Output of one split holding all the row's keys: the sink joins the denominator."""
-    sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
+def _finish(OUT, o_rows, cols, hmask, sink, m, ell, acc):
+    """Output of one split holding all the row's keys: the sink (log2 units) joins the
+    denominator."""
     m_f = tl.maximum(m, sink)
     scale = tl.exp2(m - m_f)
     out = acc * (scale / (ell * scale + tl.exp2(sink - m_f)))[:, None]
@@ -170,6 +181,29 @@ def _merge(PM, PL, PACC, SINK, OUT, o_rows, part_rows, cols, hmask, heads, activ
              mask=hmask[:, None])
 
 
+@jit
+def _merge_once(PM, PL, PACC, SINK, OUT, o_rows, part_rows, cols, hmask, heads, active,
+                G_M: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr):
+    """_merge with every load issued before any math: m, ℓ, the sink and all SPLITS_P acc
+    partials of the G heads in one round trip ([G_M, SPLITS_P, D] fp32 in registers)."""
+    sp = tl.arange(0, SPLITS_P)
+    use = hmask[:, None] & (sp[None, :] < active)  # [G_M, SPLITS_P]
+    m = tl.load(PM + part_rows[:, None] + sp[None, :], mask=use, other=float("-inf"),
+                cache_modifier=".cg")
+    ell = tl.load(PL + part_rows[:, None] + sp[None, :], mask=use, other=0.0,
+                  cache_modifier=".cg")
+    rows = (part_rows[:, None] + sp[None, :]) * D  # [G_M, SPLITS_P]
+    part = tl.load(PACC + rows[:, :, None] + cols[None, None, :], mask=use[:, :, None],
+                   other=0.0, cache_modifier=".cg")  # [G_M, SPLITS_P, D]
+    sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
+    m_f = tl.maximum(tl.max(m, axis=1), sink)  # [G_M]
+    w = tl.where(use, tl.exp2(m - m_f[:, None]), 0.0)
+    denom = tl.sum(w * ell, axis=1) + tl.exp2(sink - m_f)
+    out = tl.sum(part * w[:, :, None], axis=1) / denom[:, None]
+    tl.store(OUT + o_rows[:, None] + cols[None, :], out.to(OUT.dtype.element_ty),
+             mask=hmask[:, None])
+
+
 @jit(do_not_specialize=("CAP", "SPLITS"))
 def _fused_decode_kernel(
     Q, KC, VC, SLOT, POS, SINK, OUT, PM, PL, PACC, CNT,
@@ -178,6 +212,8 @@ def _fused_decode_kernel(
     G: tl.constexpr, G_P: tl.constexpr, G_M: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS_P: tl.constexpr, MERGE_S: tl.constexpr,
     KV_TOGETHER: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    SINK_FIRST: tl.constexpr = False, MERGE_ONCE: tl.constexpr = False,
+    EARLY_SLOT: tl.constexpr = False,
 ):
     wait_then_release(PDL)  # kernels/pdl.py: q and the new K/V come from the predecessor
     b = tl.program_id(0).to(tl.int64)
@@ -190,13 +226,18 @@ def _fused_decode_kernel(
     # q does not depend on the row's length: issued with the slot/position loads
     q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + cols[None, :], mask=hmask[:, None],
                 other=0.0)  # [G_P, D]
+    if SINK_FIRST:  # with q: no round trip for it after the keys
+        sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
     slot = tl.load(SLOT + b).to(tl.int64)
     pos = tl.load(POS + b).to(tl.int32)  # 32-bit block arithmetic: no 64-bit divisions
     lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else pos * 0
     nblocks = tl.cdiv(pos - lo + 1, BLOCK_N)
     bps = tl.cdiv(nblocks, SPLITS)
     active = tl.cdiv(nblocks, bps)  # split s has key blocks iff s < active: the arrival target
-    if split >= active:
+    stop = split >= active
+    if EARLY_SLOT:  # the branch waits for the slot too: its load is issued with the position's
+        stop = stop | (slot < 0)
+    if stop:
         return
     blk0 = split * bps
     blk1 = tl.minimum(blk0 + bps, nblocks)
@@ -230,7 +271,9 @@ def _fused_decode_kernel(
         m = m_new
 
     if active == 1:
-        _finish(OUT, b * so_b + heads * so_h, cols, hmask, SINK, heads, m, ell, acc)
+        if not SINK_FIRST:
+            sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
+        _finish(OUT, b * so_b + heads * so_h, cols, hmask, sink, m, ell, acc)
     else:
         part = (b * NQ + heads) * SPLITS + split  # [G_P] into [B, nq, SPLITS]
         tl.store(PM + part, m, mask=hmask)
@@ -243,9 +286,14 @@ def _fused_decode_kernel(
             tl.debug_barrier()
             gm = tl.arange(0, G_M)
             heads_m = kvh * G + gm
-            _merge(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
-                   (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
-                   G_M, SPLITS_P, MERGE_S, D)
+            if MERGE_ONCE:
+                _merge_once(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
+                            (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
+                            G_M, SPLITS_P, D)
+            else:
+                _merge(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
+                       (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
+                       G_M, SPLITS_P, MERGE_S, D)
             tl.store(cnt, 0)  # ready for the next launch (and graph replay)
 
 
@@ -269,6 +317,9 @@ def launch_fused(
     g_m = triton.next_power_of_2(g)
     splits_p = triton.next_power_of_2(cfg.max_splits)
     merge_s = min(splits_p, cfg.merge_splits or max(1, MERGE_FLOATS // (g_m * d)))
+    if cfg.merge_once and g_m * splits_p * d > MERGE_ONCE_FLOATS:
+        raise ValueError(f"decode attention: merge_once holds {g_m}×{splits_p}×{d} partial "
+                         f"floats, more than {MERGE_ONCE_FLOATS}: lower max_splits")
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
     jit["_fused_decode_kernel"][(bsz, nkv, splits)](
         q, k_cache, v_cache, slot_ids, positions, sinks, out, pm, pl, pacc, cnt,
@@ -278,5 +329,6 @@ def launch_fused(
         G=g, G_P=max(16, triton.next_power_of_2(g)), G_M=g_m, D=d, BLOCK_N=cfg.block_n,
         SPLITS_P=splits_p, MERGE_S=merge_s, KV_TOGETHER=cfg.kv_together,
         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SINK_FIRST=cfg.sink_first, MERGE_ONCE=cfg.merge_once, EARLY_SLOT=cfg.early_slot,
         **pdl.launch_args(q.device),
     )
