@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from kernels.decode_attention import decode_attention
-from kernels.decode_variants import SERVING, SERVING_MAX_ROWS, DecodeVariant
+from kernels.decode_latency import FULL, WINDOW, serving_for
+from kernels.decode_variants import SERVING, DecodeVariant
 from kernels.dense_gemv import MAX_ROWS, linear_small
 from kernels.dense_gemv_norm import norm_linear_small
 from kernels.dense_gemv_rope import norm_linear_rope_small
@@ -85,10 +86,17 @@ def _env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be 1/0 (true/false, on/off), got {value!r}")
 
 
-def _decode_variant(rows: int) -> DecodeVariant | None:
-    """The fused-merge decode attention up to the batch sizes it was measured at, the two-launch
-    kernels above (kernels/decode_variants.py)."""
-    return SERVING if rows <= SERVING_MAX_ROWS else None
+def _attn_variants() -> tuple[DecodeVariant, DecodeVariant]:
+    """The fused-merge decode attention's config for sliding-window and for full layers:
+    SERVING, or a candidate of kernels/decode_latency.py named by GPTOSS_ATTN_WINDOW /
+    GPTOSS_ATTN_FULL (bench.attn_decode times them; "serving" is SERVING)."""
+    chosen = []
+    for env, table in (("GPTOSS_ATTN_WINDOW", WINDOW), ("GPTOSS_ATTN_FULL", FULL)):
+        name = os.environ.get(env, "serving").strip() or "serving"
+        if name != "serving" and name not in table:
+            raise ValueError(f"{env} must be serving or one of {sorted(table)}, got {name!r}")
+        chosen.append(SERVING if name == "serving" else table[name])
+    return chosen[0], chosen[1]
 
 
 class TritonOps(NormThenOp):
@@ -111,6 +119,7 @@ class TritonOps(NormThenOp):
         if fuse_rope is None:
             fuse_rope = _env_flag("GPTOSS_FUSE_ROPE", FUSE_ROPE)
         self.fuse_rope = bool(fuse_rope)
+        self._attn_window, self._attn_full = _attn_variants()
         self._moe_forward, self._prepare_moe = _moe_backend()
         self._moe_forward_norm = _moe_norm_backend()
         self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout
@@ -194,6 +203,11 @@ class TritonOps(NormThenOp):
             q, k, v, cos, sin, batch.positions, batch.slot_ids, k_cache, v_cache
         )
 
+    def _decode_variant(self, rows: int, window: int) -> DecodeVariant | None:
+        """The fused-merge decode attention (this layer kind's config) up to the batch sizes it
+        was measured at, the two-launch kernels above (kernels/decode_variants.py)."""
+        return serving_for(rows, window, self._attn_window, self._attn_full)
+
     def attention(self, q, k_cache, v_cache, batch, sinks, window, scale):  # noqa: ANN001, ANN201
         if batch.tile_table is not None:  # a graph step: every row through the prefill kernel
             return prefill_attention(q, k_cache, v_cache, [], [], [], sinks, window, scale,
@@ -201,7 +215,7 @@ class TritonOps(NormThenOp):
         if batch.decode_only:
             return decode_attention(
                 q, k_cache, v_cache, batch.slot_ids, batch.positions, sinks, window, scale,
-                config=_decode_variant(q.shape[0]),
+                config=self._decode_variant(q.shape[0], window),
             )
         d = batch.decode_rows
         seqs = self._prefill_inputs(batch, q, k_cache, window, d)
@@ -214,7 +228,7 @@ class TritonOps(NormThenOp):
         out = torch.empty_like(q)  # [T, nq, d]
         out[:d] = decode_attention(
             q[:d], k_cache, v_cache, batch.slot_ids[:d], batch.positions[:d], sinks, window, scale,
-            config=_decode_variant(d),
+            config=self._decode_variant(d, window),
         )
         if d < q.shape[0]:
             out[d:] = prefill_attention(q[d:], k_cache, v_cache, *seqs[:3], sinks, window, scale,
@@ -275,7 +289,7 @@ class TritonOps(NormThenOp):
             for rows in range(1, max_rows + 1):
                 decode_attention(q[:rows], k_cache, v_cache, slots[:rows], positions[:rows],
                                  layer.sinks, window, cfg.head_dim**-0.5,
-                                 config=_decode_variant(rows))
+                                 config=self._decode_variant(rows, window))
 
     def _warm_rope(self, layer: LayerWeights, cfg: ModelConfig, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, x: torch.Tensor, max_rows: int) -> None:

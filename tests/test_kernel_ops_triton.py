@@ -77,12 +77,26 @@ def test_dense_gemv_rows_outside_its_range_are_refused() -> None:
         TritonOps(9)
 
 
-def test_decode_attention_variant_follows_the_measured_batch_sizes() -> None:
+def test_decode_attention_variant_follows_the_measured_batch_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kernels.decode_latency import FULL, WINDOW
     from kernels.decode_variants import SERVING, SERVING_MAX_ROWS
-    from runtime.ops_triton import _decode_variant
 
-    assert _decode_variant(1) is SERVING and _decode_variant(SERVING_MAX_ROWS) is SERVING
-    assert _decode_variant(SERVING_MAX_ROWS + 1) is None  # the two-launch kernels
+    ops = TritonOps()
+    for window in (0, 128):
+        assert ops._decode_variant(1, window) is SERVING
+        assert ops._decode_variant(SERVING_MAX_ROWS, window) is SERVING
+        assert ops._decode_variant(SERVING_MAX_ROWS + 1, window) is None  # two launches
+    # a candidate per layer kind, by name (bench.attn_decode's)
+    monkeypatch.setenv("GPTOSS_ATTN_WINDOW", "win_sink")
+    monkeypatch.setenv("GPTOSS_ATTN_FULL", "full_once32")
+    ops = TritonOps()
+    assert ops._decode_variant(1, 128) is WINDOW["win_sink"]
+    assert ops._decode_variant(1, 0) is FULL["full_once32"]
+    monkeypatch.setenv("GPTOSS_ATTN_FULL", "win_sink")  # a window candidate on full layers
+    with pytest.raises(ValueError, match="GPTOSS_ATTN_FULL"):
+        TritonOps()
 
 
 @pytest.mark.parametrize("dense_gemv_rows", [0, 8])
