@@ -10,9 +10,10 @@ It saves rope_cache_write's launch (and its write-then-read of q) on decode-only
 
 Same grid and split layout as the fused-merge kernel (one program per (row, KV head, split),
 DecodeVariant's launch shape, the last-arriving split merges): every program rotates its G query
-heads in registers (each element from its own and its partner half: x·cos ∓ x̄·sin, the same
-products and rounding as rope.py, so q' has the same bits); the cache loop reads keys
-lo(p) … p − 1 only. The new key is never read from the cache: the split that owns the row's
+heads in registers, kept as two halves [G, d/2] (rope.py's products and rounding, so q' has its
+bits; no gather of partner elements, which the compiler would issue as scalar loads), and takes
+each key block's scores as q'₁·k₁ᵀ + q'₂·k₂ᵀ (two tensor-core products of depth d/2 into one
+accumulator: the same MMAs as one of depth d). The cache loop reads keys lo(p) … p − 1 only. The new key is never read from the cache: the split that owns the row's
 last key block (split active − 1) rotates k, folds (k', v) into its online softmax from registers
 (one more key: s = scale·q'·k', p rounded to the value dtype as the loop's dot does) and is the
 one program per (row, KV head) that stores k', v into the cache, with rope.py's rounding (the
@@ -75,13 +76,6 @@ def rope_decode_attention_ref(
                                 scale)
 
 
-@jit
-def _rotate(x, xs, c, s, lower):
-    """rope of x (elements of both halves) given xs, each element's partner in the other half:
-    x₁·c − x₂·s on the first half, x₂·c + x₁·s on the second (rope.py's expressions)."""
-    return tl.where(lower, x * c - xs * s, x * c + xs * s)
-
-
 @jit(do_not_specialize=("CAP", "SPLITS"))
 def _rope_decode_kernel(
     Q, K, V, COS, SIN, KC, VC, SLOT, POS, SINK, OUT, PM, PL, PACC, CNT,
@@ -102,16 +96,15 @@ def _rope_decode_kernel(
     heads = kvh * G + g  # [G_P]
     hmask = g < G
     cols = tl.arange(0, D)
-    partner = cols ^ HALF  # the other half's element of the same frequency
-    lower = cols < HALF
+    hc = tl.arange(0, HALF)  # rope pairs element i with i + d/2: every head vector in halves
     # Independent of the position: issued with the slot/position loads. The new token's k and v
     # (256 bytes at d 64) are loaded by every program; only the last split uses them.
-    q_row = Q + b * sq_b + heads[:, None] * sq_h
-    qx = tl.load(q_row + cols[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    qs = tl.load(q_row + partner[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    k_row = K + b * sk_b + kvh * sk_h
-    kx = tl.load(k_row + cols).to(tl.float32)  # [D]
-    ks = tl.load(k_row + partner).to(tl.float32)
+    q_row = Q + b * sq_b + heads[:, None] * sq_h + hc[None, :]
+    q1 = tl.load(q_row, mask=hmask[:, None], other=0.0).to(tl.float32)  # [G_P, D/2]
+    q2 = tl.load(q_row + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+    k_row = K + b * sk_b + kvh * sk_h + hc
+    k1 = tl.load(k_row).to(tl.float32)  # [D/2]
+    k2 = tl.load(k_row + HALF).to(tl.float32)
     v_new = tl.load(V + b * sv_b + kvh * sv_h + cols).to(VC.dtype.element_ty)  # [D]
     if SINK_FIRST:
         sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
@@ -126,10 +119,13 @@ def _rope_decode_kernel(
         stop = stop | (slot < 0)
     if stop:
         return
-    trig = pos * HALF + (cols & (HALF - 1))  # [D]: the table row's frequency of each element
-    c = tl.load(COS + trig)
-    s = tl.load(SIN + trig)
-    q = _rotate(qx, qs, c[None, :], s[None, :], lower[None, :]).to(Q.dtype.element_ty)
+    c = tl.load(COS + pos * HALF + hc)  # [D/2] fp32, the table's row p
+    s = tl.load(SIN + pos * HALF + hc)
+    # rope.py's expressions and rounding: q' as rope_cache_write returns it, k' as it stores it
+    qr1 = (q1 * c[None, :] - q2 * s[None, :]).to(Q.dtype.element_ty)  # [G_P, D/2]
+    qr2 = (q2 * c[None, :] + q1 * s[None, :]).to(Q.dtype.element_ty)
+    kn1 = (k1 * c - k2 * s).to(K.dtype.element_ty).to(KC.dtype.element_ty)  # [D/2]
+    kn2 = (k2 * c + k1 * s).to(K.dtype.element_ty).to(KC.dtype.element_ty)
     blk0 = split * bps
     # cached keys are lo … p − 1: a last block holding only p is not iterated
     blk1 = tl.minimum(blk0 + bps, tl.cdiv(pos - lo, BLOCK_N))
@@ -144,12 +140,14 @@ def _rope_decode_kernel(
         kpos = lo + blk * BLOCK_N + offs  # [BLOCK_N] logical positions
         valid = kpos < pos
         idx = kpos % CAP if WINDOW > 0 else kpos
-        k = tl.load(k_base + idx[:, None].to(tl.int64) * skc_c + cols[None, :],
-                    mask=valid[:, None], other=0.0)
+        k_ptr = k_base + idx[:, None].to(tl.int64) * skc_c + hc[None, :]  # [BLOCK_N, D/2]
+        ka = tl.load(k_ptr, mask=valid[:, None], other=0.0)
+        kb = tl.load(k_ptr + HALF, mask=valid[:, None], other=0.0)
         if KV_TOGETHER:
             v = tl.load(v_base + idx[:, None].to(tl.int64) * svc_c + cols[None, :],
                         mask=valid[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_P, BLOCK_N]
+        sc = tl.dot(qr1, tl.trans(ka), input_precision=PRECISION)  # q'·k in two halves
+        sc = tl.dot(qr2, tl.trans(kb), sc, input_precision=PRECISION) * qk_scale  # [G_P, BLOCK_N]
         sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -162,11 +160,13 @@ def _rope_decode_kernel(
         m = m_new
 
     if split == active - 1:  # the owner of key p: write it, then fold it in from registers
-        k_new = _rotate(kx, ks, c, s, lower).to(K.dtype.element_ty).to(KC.dtype.element_ty)
         at = (pos % CAP).to(tl.int64)
-        tl.store(KC + slot * skc_s + at * skc_c + kvh * skc_h + cols, k_new)
+        kc_row = KC + slot * skc_s + at * skc_c + kvh * skc_h + hc
+        tl.store(kc_row, kn1)
+        tl.store(kc_row + HALF, kn2)
         tl.store(VC + slot * svc_s + at * svc_c + kvh * svc_h + cols, v_new)
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+        s_new = (tl.sum(qr1.to(tl.float32) * kn1.to(tl.float32)[None, :], axis=1)
+                 + tl.sum(qr2.to(tl.float32) * kn2.to(tl.float32)[None, :], axis=1)) * qk_scale
         m_new = tl.maximum(m, s_new)  # [G_P], finite
         alpha = tl.exp2(m - m_new)
         p_new = tl.exp2(s_new - m_new)
@@ -220,8 +220,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.T
                          f"[{bsz}, {nkv}, {d}] (the caches' KV heads)")
     if nq % nkv:
         raise ValueError(f"{name}: {nq} query heads not a multiple of {nkv} KV heads")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"{name}: head_dim must be a power of two ≥ 16, got {d}")
+    if d < 32 or d & (d - 1):  # products of depth d/2 ≥ 16 (the tensor cores' least)
+        raise ValueError(f"{name}: head_dim must be a power of two ≥ 32, got {d}")
     dtypes = {q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}
     if len(dtypes) != 1:
         raise ValueError(f"{name}: q, k, v and the caches must share one dtype, got "

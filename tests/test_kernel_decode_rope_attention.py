@@ -22,7 +22,7 @@ from kernels.decode_rope_attention import rope_decode_attention, rope_decode_att
 from kernels.decode_variants import SERVING, DecodeVariant
 from kernels.rope import apply_rope_ref, rope_cache_write, split_qkv
 
-NQ, NKV, D = 8, 2, 16
+NQ, NKV, D = 8, 2, 32
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # 16-key blocks, one block per split at least, up to 8 splits merged 2 partials per round
 SMALL = DecodeVariant(block_n=16, min_blocks=1, max_splits=8, merge_splits=2)
@@ -201,3 +201,16 @@ def _bad(what: str) -> dict:
 def test_bad_inputs_raise_value_errors(what: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         rope_decode_attention(**_bad(what))
+
+
+@pytest.mark.parametrize("layer", ["full", "window"])
+def test_compiles_for_the_h100_at_the_20b_shape_without_spills(layer: str) -> None:
+    """sm_90a on the CPU (bench/decode_rope_compile.py), the serving launch shape with and
+    without PDL: no spills (offline: 96 registers on full layers as the plain kernel, 128 on
+    sliding ones where the plain kernel has 96)."""
+    from bench.decode_rope_compile import compile_rope_decode
+    from bench.norm_compile import usage
+
+    for pdl_on in (False, True):
+        regs, spill = usage(compile_rope_decode(SERVING, layer, pdl_on))
+        assert regs <= 168 and spill == 0, (layer, pdl_on, regs, spill)
