@@ -13,7 +13,7 @@ DecodeVariant's launch shape, the last-arriving split merges): every program rot
 heads in registers, kept as two halves [G, d/2] (rope.py's products and rounding, so q' has its
 bits; no gather of partner elements, which the compiler would issue as scalar loads), and takes
 each key block's scores as q'₁·k₁ᵀ + q'₂·k₂ᵀ (two tensor-core products of depth d/2 into one
-accumulator: the same MMAs as one of depth d). The cache loop reads keys lo(p) … p − 1 only. The new key is never read from the cache: the split that owns the row's
+accumulator: the same MMAs as one of depth d; d = 16 pads the halves to depth 16). The cache loop reads keys lo(p) … p − 1 only. The new key is never read from the cache: the split that owns the row's
 last key block (split active − 1) rotates k, folds (k', v) into its online softmax from registers
 (one more key: s = scale·q'·k', p rounded to the value dtype as the loop's dot does) and is the
 one program per (row, KV head) that stores k', v into the cache, with rope.py's rounding (the
@@ -82,9 +82,9 @@ def _rope_decode_kernel(
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_s, skc_c, skc_h, svc_s, svc_c, svc_h, so_b, so_h,
     CAP, qk_scale, NQ, NKV, SPLITS, WINDOW: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, G_M: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS_P: tl.constexpr, MERGE_S: tl.constexpr,
-    KV_TOGETHER: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
-    SINK_FIRST: tl.constexpr = False, MERGE_ONCE: tl.constexpr = False,
+    HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_P: tl.constexpr,
+    MERGE_S: tl.constexpr, KV_TOGETHER: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False, SINK_FIRST: tl.constexpr = False, MERGE_ONCE: tl.constexpr = False,
     EARLY_SLOT: tl.constexpr = False,
 ):
     wait_then_release(PDL)  # kernels/pdl.py: q, k, v come from the predecessor (the qkv GEMV)
@@ -96,15 +96,19 @@ def _rope_decode_kernel(
     heads = kvh * G + g  # [G_P]
     hmask = g < G
     cols = tl.arange(0, D)
-    hc = tl.arange(0, HALF)  # rope pairs element i with i + d/2: every head vector in halves
+    # rope pairs element i with i + d/2: every head vector in halves, padded to HALF_P ≥ 16
+    # columns (the products' least depth) when d < 32; the padding is masked to zeros
+    hc = tl.arange(0, HALF_P)
+    hcm = hc < HALF
     # Independent of the position: issued with the slot/position loads. The new token's k and v
     # (256 bytes at d 64) are loaded by every program; only the last split uses them.
     q_row = Q + b * sq_b + heads[:, None] * sq_h + hc[None, :]
-    q1 = tl.load(q_row, mask=hmask[:, None], other=0.0).to(tl.float32)  # [G_P, D/2]
-    q2 = tl.load(q_row + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+    qm = hmask[:, None] & hcm[None, :]
+    q1 = tl.load(q_row, mask=qm, other=0.0).to(tl.float32)  # [G_P, D/2]
+    q2 = tl.load(q_row + HALF, mask=qm, other=0.0).to(tl.float32)
     k_row = K + b * sk_b + kvh * sk_h + hc
-    k1 = tl.load(k_row).to(tl.float32)  # [D/2]
-    k2 = tl.load(k_row + HALF).to(tl.float32)
+    k1 = tl.load(k_row, mask=hcm, other=0.0).to(tl.float32)  # [D/2]
+    k2 = tl.load(k_row + HALF, mask=hcm, other=0.0).to(tl.float32)
     v_new = tl.load(V + b * sv_b + kvh * sv_h + cols).to(VC.dtype.element_ty)  # [D]
     if SINK_FIRST:
         sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
@@ -119,8 +123,8 @@ def _rope_decode_kernel(
         stop = stop | (slot < 0)
     if stop:
         return
-    c = tl.load(COS + pos * HALF + hc)  # [D/2] fp32, the table's row p
-    s = tl.load(SIN + pos * HALF + hc)
+    c = tl.load(COS + pos * HALF + hc, mask=hcm, other=0.0)  # [D/2] fp32, the table's row p
+    s = tl.load(SIN + pos * HALF + hc, mask=hcm, other=0.0)
     # rope.py's expressions and rounding: q' as rope_cache_write returns it, k' as it stores it
     qr1 = (q1 * c[None, :] - q2 * s[None, :]).to(Q.dtype.element_ty)  # [G_P, D/2]
     qr2 = (q2 * c[None, :] + q1 * s[None, :]).to(Q.dtype.element_ty)
@@ -141,8 +145,9 @@ def _rope_decode_kernel(
         valid = kpos < pos
         idx = kpos % CAP if WINDOW > 0 else kpos
         k_ptr = k_base + idx[:, None].to(tl.int64) * skc_c + hc[None, :]  # [BLOCK_N, D/2]
-        ka = tl.load(k_ptr, mask=valid[:, None], other=0.0)
-        kb = tl.load(k_ptr + HALF, mask=valid[:, None], other=0.0)
+        km = valid[:, None] & hcm[None, :]
+        ka = tl.load(k_ptr, mask=km, other=0.0)
+        kb = tl.load(k_ptr + HALF, mask=km, other=0.0)
         if KV_TOGETHER:
             v = tl.load(v_base + idx[:, None].to(tl.int64) * svc_c + cols[None, :],
                         mask=valid[:, None], other=0.0)
@@ -162,8 +167,8 @@ def _rope_decode_kernel(
     if split == active - 1:  # the owner of key p: write it, then fold it in from registers
         at = (pos % CAP).to(tl.int64)
         kc_row = KC + slot * skc_s + at * skc_c + kvh * skc_h + hc
-        tl.store(kc_row, kn1)
-        tl.store(kc_row + HALF, kn2)
+        tl.store(kc_row, kn1, mask=hcm)
+        tl.store(kc_row + HALF, kn2, mask=hcm)
         tl.store(VC + slot * svc_s + at * svc_c + kvh * svc_h + cols, v_new)
         s_new = (tl.sum(qr1.to(tl.float32) * kn1.to(tl.float32)[None, :], axis=1)
                  + tl.sum(qr2.to(tl.float32) * kn2.to(tl.float32)[None, :], axis=1)) * qk_scale
@@ -220,8 +225,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.T
                          f"[{bsz}, {nkv}, {d}] (the caches' KV heads)")
     if nq % nkv:
         raise ValueError(f"{name}: {nq} query heads not a multiple of {nkv} KV heads")
-    if d < 32 or d & (d - 1):  # products of depth d/2 ≥ 16 (the tensor cores' least)
-        raise ValueError(f"{name}: head_dim must be a power of two ≥ 32, got {d}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"{name}: head_dim must be a power of two ≥ 16, got {d}")
     dtypes = {q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}
     if len(dtypes) != 1:
         raise ValueError(f"{name}: q, k, v and the caches must share one dtype, got "
@@ -298,7 +303,8 @@ def rope_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         cap, scale * LOG2E, nq, nkv, splits, window,
-        G=g, G_P=max(16, triton.next_power_of_2(g)), G_M=g_m, D=d, BLOCK_N=config.block_n,
+        G=g, G_P=max(16, triton.next_power_of_2(g)), G_M=g_m, D=d, HALF_P=max(16, d // 2),
+        BLOCK_N=config.block_n,
         SPLITS_P=splits_p, MERGE_S=merge_s, KV_TOGETHER=config.kv_together,
         PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
         SINK_FIRST=config.sink_first, MERGE_ONCE=config.merge_once,

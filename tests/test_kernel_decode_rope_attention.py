@@ -22,7 +22,7 @@ from kernels.decode_rope_attention import rope_decode_attention, rope_decode_att
 from kernels.decode_variants import SERVING, DecodeVariant
 from kernels.rope import apply_rope_ref, rope_cache_write, split_qkv
 
-NQ, NKV, D = 8, 2, 32
+NQ, NKV, D = 8, 2, 16
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # 16-key blocks, one block per split at least, up to 8 splits merged 2 partials per round
 SMALL = DecodeVariant(block_n=16, min_blocks=1, max_splits=8, merge_splits=2)
@@ -46,22 +46,23 @@ class Case:
     dtype: torch.dtype
     n_slots: int = 4  # + the dummy slot (index n_slots)
     seed: int = 0
+    d: int = D
 
     def __post_init__(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
         b = len(self.slots)
-        qkv = torch.randn(b, (NQ + 2 * NKV) * D, generator=g).to(self.dtype)
-        self.q, self.k, self.v = split_qkv(qkv, NQ, NKV, D)
-        shape = (self.n_slots + 1, self.cap, NKV, D)
+        qkv = torch.randn(b, (NQ + 2 * NKV) * self.d, generator=g).to(self.dtype)
+        self.q, self.k, self.v = split_qkv(qkv, NQ, NKV, self.d)
+        shape = (self.n_slots + 1, self.cap, NKV, self.d)
         self.kc = torch.randn(shape, generator=g).to(self.dtype)
         self.vc = torch.randn(shape, generator=g).to(self.dtype)
-        self.cos, self.sin = tables(max(self.positions) + 1)
+        self.cos, self.sin = tables(max(self.positions) + 1, self.d)
         self.slot_ids, self.pos = torch.tensor(self.slots), torch.tensor(self.positions)
         self.sinks = torch.linspace(-2.0, 3.0, NQ)  # from negligible to dominant
 
     def args(self, kc: torch.Tensor, vc: torch.Tensor) -> tuple:
         return (self.q, self.k, self.v, self.cos, self.sin, kc, vc, self.slot_ids, self.pos,
-                self.sinks, self.window, D**-0.5)
+                self.sinks, self.window, self.d**-0.5)
 
 
 def fused(case: Case, cfg: DecodeVariant, splits: int | None):
@@ -75,8 +76,8 @@ def unfused(case: Case, cfg: DecodeVariant, splits: int | None):
     kc, vc = case.kc.clone(), case.vc.clone()
     q = rope_cache_write(case.q, case.k, case.v, case.cos, case.sin, case.pos, case.slot_ids,
                          kc, vc)
-    out = decode_attention(q, kc, vc, case.slot_ids, case.pos, case.sinks, case.window, D**-0.5,
-                           config=cfg, num_splits=splits)
+    out = decode_attention(q, kc, vc, case.slot_ids, case.pos, case.sinks, case.window,
+                           case.d**-0.5, config=cfg, num_splits=splits)
     return out, kc, vc
 
 
@@ -113,6 +114,12 @@ def test_rows_at_different_positions_over_several_splits(dtype: torch.dtype) -> 
     last one), 64 (its block holds only the new key: the last split reads no cache), 40 (3
     splits with work), 0 (the new key alone), 5 (one split, written directly)."""
     check(Case([0, 1, 2, 3, 4], [63, 64, 40, 0, 5], cap=80, window=0, dtype=dtype), splits=4)
+
+
+def test_head_dim_32_halves_without_padding() -> None:
+    """d = 16 (the tests above, the tiny model) pads each half to the products' depth of 16;
+    from d = 32 on the halves are used as they are (the 20b's d = 64 path)."""
+    check(Case([0, 1, 4], [47, 3, 0], cap=48, window=0, dtype=torch.float32, d=32), splits=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
