@@ -221,3 +221,79 @@ def test_compiles_for_the_h100_at_the_20b_shape_without_spills(layer: str) -> No
     for pdl_on in (False, True):
         regs, spill = usage(compile_rope_decode(SERVING, layer, pdl_on))
         assert regs <= 168 and spill == 0, (layer, pdl_on, regs, spill)
+
+
+def _gpu_case(positions: list[int], cap: int, seed: int) -> dict:
+    """20b heads (64 q, 8 KV, d 64) in bf16 on the GPU: q/k/v views of a qkv row, random
+    caches of 4 slots + the dummy (slot 4)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nq, nkv, d, b = 64, 8, 64, len(positions)
+    qkv = torch.randn(b, (nq + 2 * nkv) * d, device="cuda", generator=g).bfloat16()
+    qkv[5:] = qkv[4]  # padding rows on the dummy slot hold one token, as a graph's do
+    shape = (5, cap, nkv, d)
+    cos, sin = tables(max(4096, max(positions) + 1), d)
+    return dict(
+        qkv=qkv, qkv_views=split_qkv(qkv, nq, nkv, d), cos=cos.cuda(), sin=sin.cuda(),
+        kc=torch.randn(shape, device="cuda", generator=g).bfloat16(),
+        vc=torch.randn(shape, device="cuda", generator=g).bfloat16(),
+        slots=torch.tensor([0, 1, 2, 3, 4, 4][:b], device="cuda"),
+        pos=torch.tensor(positions, device="cuda"),
+        sinks=torch.linspace(-2.0, 3.0, nq, device="cuda"))
+
+
+def _gpu_both(c: dict, window: int) -> tuple:
+    q, k, v = c["qkv_views"]
+    kc, vc = c["kc"].clone(), c["vc"].clone()
+    got = rope_decode_attention(q, k, v, c["cos"], c["sin"], kc, vc, c["slots"], c["pos"],
+                                c["sinks"], window, 0.125)
+    kc2, vc2 = c["kc"].clone(), c["vc"].clone()
+    q_rot = rope_cache_write(q, k, v, c["cos"], c["sin"], c["pos"], c["slots"], kc2, vc2)
+    want = decode_attention(q_rot, kc2, vc2, c["slots"], c["pos"], c["sinks"], window, 0.125,
+                            config=SERVING)
+    return got, kc, vc, want, kc2, vc2
+
+
+def _assert_same_caches(kc, vc, kc2, vc2) -> None:  # noqa: ANN001
+    assert torch.equal(vc, vc2)  # a copy
+    # the rotation's multiply-adds are rope.py's expressions; compiled, the contraction into
+    # FMAs could still differ: nearly all bits equal, the rest one bf16 rounding apart
+    same = (kc == kc2).float().mean().item()
+    assert same > 0.999, same
+    torch.testing.assert_close(kc.float(), kc2.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("window", "cap", "positions"), [
+    (128, 255, [4095, 130, 127, 0]),  # a wrapped ring, the window's edge, position 0
+    (0, 4096, [4095]),  # batch 1 at 4k: 16 splits with the serving shape, merged
+    (0, 4096, [4095, 1000, 64, 0, 0, 0]),  # two padding rows on the dummy slot
+])
+def test_gpt_oss_20b_bf16_on_gpu_and_in_a_graph(window: int, cap: int,
+                                               positions: list[int]) -> None:
+    """The 20b attention in bf16, fused against rope_cache_write + decode_attention (SERVING):
+    the same caches, outputs within bf16 rounding; then the fused launch captured in a CUDA
+    graph and replayed at other positions gives the eager launch's output and caches."""
+    c = _gpu_case(positions, cap, seed=1)
+    got, kc, vc, want, kc2, vc2 = _gpu_both(c, window)
+    _assert_same_caches(kc, vc, kc2, vc2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+    q, k, v = c["qkv_views"]
+    kc_g, vc_g = c["kc"].clone(), c["vc"].clone()
+    pos = c["pos"].clone()
+    args = (q, k, v, c["cos"], c["sin"], kc_g, vc_g, c["slots"], pos, c["sinks"], window, 0.125)
+    rope_decode_attention(*args)  # compiled and the counters allocated before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rope_decode_attention(*args)
+    pos.copy_(torch.clamp(c["pos"] - 37, min=0))
+    kc_g.copy_(c["kc"])
+    vc_g.copy_(c["vc"])
+    graph.replay()
+    torch.cuda.synchronize()
+    c["pos"] = pos.clone()
+    eager, kc_e, vc_e, _, _, _ = _gpu_both(c, window)
+    assert torch.equal(kc_g, kc_e) and torch.equal(vc_g, vc_e)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert int(dv.arrival_counters(1, q.device).abs().sum()) == 0
