@@ -229,7 +229,7 @@ def _gpu_case(positions: list[int], cap: int, seed: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(seed)
     nq, nkv, d, b = 64, 8, 64, len(positions)
     qkv = torch.randn(b, (nq + 2 * nkv) * d, device="cuda", generator=g).bfloat16()
-    qkv[5:] = qkv[4]  # padding rows on the dummy slot hold one token, as a graph's do
+    qkv[5:] = qkv[4:5]  # padding rows on the dummy slot hold one token, as a graph's do
     shape = (5, cap, nkv, d)
     cos, sin = tables(max(4096, max(positions) + 1), d)
     return dict(
