@@ -159,9 +159,10 @@ def test_gpu_rope_attn_gives_the_unfused_logits_in_float32(
         got = fused.model.forward(build_batch(StepPlan(works), "cuda"))
         err = ((got - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
         assert err < 1e-4, f"{rows} rows: logits with rope in attention differ by {err:.3g}"
-    # layer 0's k and v follow from the tokens alone (later layers inherit the rounding)
-    assert torch.equal(fused.model.cache.k[0], plain.model.cache.k[0])
-    assert torch.equal(fused.model.cache.v[0], plain.model.cache.v[0])
+    # layer 0's k and v follow from the tokens alone (later layers inherit the rounding); the
+    # dummy slot (the last row) differs by warm()'s fused launch
+    assert torch.equal(fused.model.cache.k[0][:-1], plain.model.cache.k[0][:-1])
+    assert torch.equal(fused.model.cache.v[0][:-1], plain.model.cache.v[0][:-1])
 
 
 @pytest.mark.gpu
