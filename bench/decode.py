@@ -136,6 +136,7 @@ def main() -> None:
                               "dense_gemv_rows": getattr(engine.model.ops, "dense_gemv_rows", 0),
                               "fuse_norm": getattr(engine.model.ops, "fuse_norm", False),
                               "fuse_rope": getattr(engine.model.ops, "fuse_rope", False),
+                              "rope_attn": getattr(engine.model.ops, "rope_attn", False),
                               "pdl": pdl.enabled()})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)

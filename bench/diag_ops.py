@@ -18,7 +18,7 @@ from runtime.batch import build_batch
 from runtime.config import preset
 from runtime.kv_cache import CacheShape, KVCache
 from runtime.model import Model
-from runtime.ops import TorchOps
+from runtime.ops import NormThenOp, TorchOps
 from runtime.ops_triton import TritonOps
 from runtime.synthetic import random_weights
 from runtime.types import SeqWork, StepPlan
@@ -87,6 +87,9 @@ class BothOps:
                         f"resid {rel(g[1], a[1]):.1e} kcache {rel(kc2, kc):.1e} "
                         f"vcache {rel(vc2, vc):.1e}")
         return a
+
+    # norm_linear_rope then attention, through the logging methods above
+    norm_qkv_attention = NormThenOp.norm_qkv_attention
 
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201
         a = self.t.norm_moe(x, residual, scale, eps, layer, config)

@@ -11,7 +11,7 @@ import torch
 from runtime.batch import Batch
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.model_weights import LayerWeights, ModelWeights
+from runtime.model_weights import ModelWeights
 from runtime.ops import Ops, TorchOps
 from runtime.rope import rope_table
 
@@ -44,12 +44,15 @@ class Model:
         # backend can (Ops.norm_linear / norm_moe).
         delta, resid = self.w.embedding[batch.token_ids], None  # [T, H]
         for i, layer in enumerate(self.w.layers):
-            # qkv projection, rope and the K/V cache write (one launch where the backend fuses
-            # them: Ops.norm_linear_rope); q is rotated [T, nq, d]
-            q, resid = ops.norm_linear_rope(delta, resid, layer.attn_norm, eps, layer.qkv_weight,
-                                            layer.qkv_bias, self.cos, self.sin, batch,
-                                            self.cache.k[i], self.cache.v[i], cfg)
-            attn_out = self._attention(i, layer, q, batch)  # [T, H]
+            # qkv projection, rope, the K/V cache write and attention (Ops.norm_qkv_attention:
+            # the backend may fuse rope into the projection or into the attention)
+            window = cfg.sliding_window if cfg.is_sliding(i) else 0
+            o, resid = ops.norm_qkv_attention(
+                delta, resid, layer.attn_norm, eps, layer.qkv_weight, layer.qkv_bias, self.cos,
+                self.sin, batch, self.cache.k[i], self.cache.v[i], layer.sinks, window,
+                self.scale, cfg)  # [T, nq, d]
+            attn_out = ops.linear(o.reshape(o.shape[0], -1), layer.out_weight,
+                                  layer.out_bias)  # [T, H]
             delta, resid = ops.norm_moe(attn_out, resid, layer.mlp_norm, eps, layer, cfg)
         h, _ = ops.rmsnorm(delta, self.w.norm, eps, resid)
         return h
@@ -58,14 +61,3 @@ class Model:
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits [M, V] of normed hidden rows [M, H]."""
         return torch.nn.functional.linear(h, self.w.unembedding).float()
-
-    def _attention(self, i: int, layer: LayerWeights, q: torch.Tensor, batch: Batch
-                   ) -> torch.Tensor:
-        """The attention block from its rotated q [T, nq, d] (k and v already in the layer's
-        cache) to its output [T, H]."""
-        cfg = self.config
-        window = cfg.sliding_window if cfg.is_sliding(i) else 0
-        o = self.ops.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, window,
-                               self.scale)
-        return self.ops.linear(o.reshape(q.shape[0], -1), layer.out_weight,
-                               layer.out_bias)  # [T, H]

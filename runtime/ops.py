@@ -66,6 +66,18 @@ class Ops(Protocol):
         (kernels/dense_gemv_rope.py) with the same results."""
         ...
 
+    def norm_qkv_attention(
+        self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor, eps: float,
+        w: torch.Tensor, b: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+        window: int, attn_scale: float, config: ModelConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention block up to its output projection: norm_linear_rope, then attention of
+        the rotated q: (attention output [T, nq, d], new residual stream), k and v written into
+        the caches. A backend may fuse rope and the cache write into the attention instead
+        (kernels/decode_rope_attention.py) with the same caches and outputs to rounding."""
+        ...
+
     def norm_moe(
         self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor, eps: float,
         layer: LayerWeights, config: ModelConfig,
@@ -75,8 +87,9 @@ class Ops(Protocol):
 
 
 class NormThenOp:
-    """norm_linear / norm_linear_rope / norm_moe as their definitions (the norm, then the op;
-    the projection, then rope), for backends that do not fuse them."""
+    """norm_linear / norm_linear_rope / norm_qkv_attention / norm_moe as their definitions (the
+    norm, then the op; the projection, then rope; then attention), for backends that do not fuse
+    them."""
 
     def norm_linear(self, x, residual, scale, eps, w, b):  # noqa: ANN001, ANN201 - see Ops
         h, new_residual = self.rmsnorm(x, scale, eps, residual)
@@ -89,6 +102,13 @@ class NormThenOp:
                             config.head_dim)
         q = self.rope_cache_write(q, k, v, cos, sin, batch, k_cache, v_cache)
         return q, new_residual
+
+    def norm_qkv_attention(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
+                           v_cache, sinks, window, attn_scale, config):
+        q, new_residual = self.norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch,
+                                                k_cache, v_cache, config)  # [T, nq, d] rotated
+        o = self.attention(q, k_cache, v_cache, batch, sinks, window, attn_scale)
+        return o, new_residual
 
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201
         h, new_residual = self.rmsnorm(x, scale, eps, residual)

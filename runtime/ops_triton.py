@@ -18,6 +18,7 @@ import torch
 
 from kernels.decode_attention import decode_attention
 from kernels.decode_latency import FULL, WINDOW, serving_for
+from kernels.decode_rope_attention import rope_decode_attention
 from kernels.decode_variants import SERVING, DecodeVariant
 from kernels.dense_gemv import MAX_ROWS, linear_small
 from kernels.dense_gemv_norm import norm_linear_small
@@ -26,7 +27,7 @@ from kernels.moe_ref import moe_ref
 from kernels.norm_prologue import exact_scale
 from kernels.prefill_attention import prefill_attention, prefill_block_t, prefill_table
 from kernels.rmsnorm import rmsnorm
-from kernels.rope import rope_cache_write
+from kernels.rope import rope_cache_write, split_qkv
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights, ModelWeights
 from runtime.ops import NormThenOp
@@ -55,6 +56,12 @@ FUSE_NORM_ROWS = 2
 # rope_cache_write's launch (H100: 2.82 µs per layer). Off until timed on the GPU (notes/kernels.md
 # predicts the step's saving); GPTOSS_FUSE_ROPE=1 turns it on.
 FUSE_ROPE = False
+# Rope and the K/V cache write inside the decode attention launch instead
+# (kernels/decode_rope_attention.py) on decode-only steps the fused-merge kernel serves (up to
+# SERVING_MAX_ROWS rows), saving rope_cache_write's launch; the qkv projection is then the plain
+# norm_linear. Off until timed on the GPU (notes/kernels.md predicts the saving);
+# GPTOSS_ROPE_ATTN=1 turns it on. Exclusive with FUSE_ROPE (both move the same rope).
+ROPE_ATTN = False
 
 
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
@@ -103,7 +110,8 @@ class TritonOps(NormThenOp):
     name = "triton"
 
     def __init__(self, dense_gemv_rows: int | None = None, fuse_norm: bool | None = None,
-                 fuse_norm_rows: int | None = None, fuse_rope: bool | None = None) -> None:
+                 fuse_norm_rows: int | None = None, fuse_rope: bool | None = None,
+                 rope_attn: bool | None = None) -> None:
         if dense_gemv_rows is None:
             dense_gemv_rows = int(os.environ.get("GPTOSS_DENSE_GEMV_ROWS", DENSE_GEMV_ROWS))
         if not 0 <= dense_gemv_rows <= MAX_ROWS:
@@ -119,6 +127,13 @@ class TritonOps(NormThenOp):
         if fuse_rope is None:
             fuse_rope = _env_flag("GPTOSS_FUSE_ROPE", FUSE_ROPE)
         self.fuse_rope = bool(fuse_rope)
+        if rope_attn is None:
+            rope_attn = _env_flag("GPTOSS_ROPE_ATTN", ROPE_ATTN)
+        self.rope_attn = bool(rope_attn)
+        if self.fuse_rope and self.rope_attn:
+            raise ValueError("fuse_rope (GPTOSS_FUSE_ROPE) and rope_attn (GPTOSS_ROPE_ATTN) both "
+                             "move rope and the K/V cache write (into the qkv GEMV, into the "
+                             "decode attention): turn on at most one")
         self._attn_window, self._attn_full = _attn_variants()
         self._moe_forward, self._prepare_moe = _moe_backend()
         self._moe_forward_norm = _moe_norm_backend()
@@ -177,6 +192,22 @@ class TritonOps(NormThenOp):
                 batch.slot_ids, k_cache, v_cache, config.num_attention_heads)
         return super().norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch, k_cache,
                                         v_cache, config)
+
+    def norm_qkv_attention(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
+                           v_cache, sinks, window, attn_scale, config):
+        # Decode-only eager or decode-graph steps (one token per slot; graph padding rows on the
+        # dummy slot at position 0, which read no cache) within the fused-merge kernel's rows.
+        cfg = self._decode_variant(x.shape[0], window)
+        if (self.rope_attn and batch.decode_only and batch.tile_table is None
+                and cfg is not None and w.dtype == k_cache.dtype):
+            qkv, new_residual = self.norm_linear(x, residual, scale, eps, w, b)  # [T, N]
+            q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads,
+                                config.head_dim)
+            o = rope_decode_attention(q, k, v, cos, sin, k_cache, v_cache, batch.slot_ids,
+                                      batch.positions, sinks, window, attn_scale, config=cfg)
+            return o, new_residual
+        return super().norm_qkv_attention(x, residual, scale, eps, w, b, cos, sin, batch,
+                                          k_cache, v_cache, sinks, window, attn_scale, config)
 
     def norm_moe(self, x, residual, scale, eps, layer, config):  # noqa: ANN001, ANN201 - see Ops
         if (self._fuses_norm(x.shape[0]) and self._moe_forward is not None
@@ -263,7 +294,8 @@ class TritonOps(NormThenOp):
         prologue, which the first layer takes without a residual) are not compiled here: the
         engine's warm-up steps of 1, 2, 4, 8 tokens and its decode graph buckets compile them.
         With fuse_rope, the fused qkv + rope launch is compiled here for every decode row count
-        it takes (the warm-up's prompt steps do not reach it). The dummy cache slot is used."""
+        it takes (the warm-up's prompt steps do not reach it); with rope_attn, the decode
+        attention with rope, once per layer kind. The dummy cache slot is used."""
         cfg = weights.config
         layer = weights.layers[0]
         dev, dt = caches[0][0].device, caches[0][0].dtype
@@ -290,6 +322,15 @@ class TritonOps(NormThenOp):
                 decode_attention(q[:rows], k_cache, v_cache, slots[:rows], positions[:rows],
                                  layer.sinks, window, cfg.head_dim**-0.5,
                                  config=self._decode_variant(rows, window))
+            if self.rope_attn and self._decode_variant(1, window) is not None:
+                # one compiled variant per layer kind: the row count is only the grid's
+                qkv = torch.zeros(1, layer.qkv_weight.shape[0], device=dev, dtype=dt)
+                table = torch.zeros(1, cfg.head_dim // 2, device=dev)  # position 0 only
+                rope_decode_attention(
+                    *split_qkv(qkv, cfg.num_attention_heads, cfg.num_key_value_heads,
+                               cfg.head_dim), table, table, k_cache, v_cache, slots[:1],
+                    positions[:1], layer.sinks, window, cfg.head_dim**-0.5,
+                    config=self._decode_variant(1, window))
 
     def _warm_rope(self, layer: LayerWeights, cfg: ModelConfig, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, x: torch.Tensor, max_rows: int) -> None:
