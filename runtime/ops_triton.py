@@ -10,17 +10,16 @@ when that module is importable, else the torch reference (which syncs: not graph
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kernels.decode_attention import decode_attention
-from kernels.decode_latency import FULL, WINDOW, serving_for
+from kernels.decode_latency import serving_for
 from kernels.decode_rope_attention import rope_decode_attention
-from kernels.decode_variants import SERVING, DecodeVariant
-from kernels.dense_gemv import MAX_ROWS, linear_small
+from kernels.decode_variants import DecodeVariant
+from kernels.dense_gemv import linear_small
 from kernels.dense_gemv_norm import norm_linear_small
 from kernels.dense_gemv_rope import norm_linear_rope_small
 from kernels.moe_ref import moe_ref
@@ -31,39 +30,13 @@ from kernels.rope import rope_cache_write, split_qkv
 from runtime.config import ModelConfig
 from runtime.model_weights import LayerWeights, ModelWeights
 from runtime.ops import NormThenOp
+from runtime.ops_switches import OpsSwitches
 
 log = logging.getLogger(__name__)
 
 # TritonOps.warm runs the MoE at every token count up to this (the configurations and routing
 # block sizes stop changing well below it), then at powers of two.
 SWEEP_TOKENS = 2048
-# The dense projections (qkv, out) of batches up to this many rows run the one-launch Triton GEMV
-# (kernels/dense_gemv.py) instead of cuBLAS; 0 turns it off. GPTOSS_DENSE_GEMV_ROWS overrides it.
-# H100, run 45 (bench.dense_gemv, µs, GEMV / cuBLAS): qkv M=1 12.1 / 13.6, M=2 13.1 / 13.2,
-# M=8 20.1 / 13.1; out M=1 10.5 / 14.4, M=2 10.2 / 14.4, M=8 14.5 / 14.4. Batch-1 decode at 4k:
-# 2.394 vs 2.516 ms per step; batch 8: 6.28 ms with rows ≤ 2 vs 6.48 with rows ≤ 8.
-DENSE_GEMV_ROWS = 2
-# The norms before qkv and before the MoE run in their consumers' prologues (norm_linear: the
-# dense GEMV, within DENSE_GEMV_ROWS; norm_moe: the fused router, kernels/moe_router.norm_fits)
-# for batches up to FUSE_NORM_ROWS rows, saving the standalone norm's launch. GPTOSS_FUSE_NORM=0
-# turns it off, GPTOSS_FUSE_NORM_ROWS overrides the row limit. H100, run 45: batch-1 decode at 4k
-# 2.394 → 2.359 ms per step; the fused qkv GEMV (bench.norm_gemv, µs, fused / norm + GEMV) M=1
-# 13.5 / 14.3, M=2 15.1 / 15.6 (fma_n8_k512_w2 tiles), M=4 24.3 / 17.1, M=8 37.5 / 22.8: on up to 2.
-FUSE_NORM = True
-FUSE_NORM_ROWS = 2
-# Rope and the K/V cache write as the fused-norm qkv GEMV's epilogue (kernels/dense_gemv_rope.py)
-# wherever that GEMV runs on a decode batch (within FUSE_NORM_ROWS and DENSE_GEMV_ROWS), saving
-# rope_cache_write's launch (H100: 2.82 µs per layer). Off until timed on the GPU (notes/kernels.md
-# predicts the step's saving); GPTOSS_FUSE_ROPE=1 turns it on.
-FUSE_ROPE = False
-# Rope and the K/V cache write inside the decode attention launch instead
-# (kernels/decode_rope_attention.py) on decode-only steps the fused-merge kernel serves (up to
-# SERVING_MAX_ROWS rows), saving rope_cache_write's launch; the qkv projection is then the plain
-# norm_linear. Off until timed on the GPU (notes/kernels.md predicts the saving);
-# GPTOSS_ROPE_ATTN=1 turns it on. Exclusive with FUSE_ROPE (both move the same rope).
-ROPE_ATTN = False
-
-
 def _moe_backend() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., Any] | None]:
     """(moe_forward, prepare_moe) from kernels.moe, or (None, None) when it is not there."""
     try:
@@ -82,59 +55,20 @@ def _moe_norm_backend() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | No
     return getattr(moe, "moe_forward_norm", None)
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if value.lower() in ("1", "true", "on", "yes"):
-        return True
-    if value.lower() in ("0", "false", "off", "no", ""):
-        return False
-    raise ValueError(f"{name} must be 1/0 (true/false, on/off), got {value!r}")
-
-
-def _attn_variants() -> tuple[DecodeVariant, DecodeVariant]:
-    """The fused-merge decode attention's config for sliding-window and for full layers:
-    SERVING, or a candidate of kernels/decode_latency.py named by GPTOSS_ATTN_WINDOW /
-    GPTOSS_ATTN_FULL (bench.attn_decode times them; "serving" is SERVING)."""
-    chosen = []
-    for env, table in (("GPTOSS_ATTN_WINDOW", WINDOW), ("GPTOSS_ATTN_FULL", FULL)):
-        name = os.environ.get(env, "serving").strip() or "serving"
-        if name != "serving" and name not in table:
-            raise ValueError(f"{env} must be serving or one of {sorted(table)}, got {name!r}")
-        chosen.append(SERVING if name == "serving" else table[name])
-    return chosen[0], chosen[1]
-
-
 class TritonOps(NormThenOp):
     name = "triton"
 
     def __init__(self, dense_gemv_rows: int | None = None, fuse_norm: bool | None = None,
                  fuse_norm_rows: int | None = None, fuse_rope: bool | None = None,
                  rope_attn: bool | None = None) -> None:
-        if dense_gemv_rows is None:
-            dense_gemv_rows = int(os.environ.get("GPTOSS_DENSE_GEMV_ROWS", DENSE_GEMV_ROWS))
-        if not 0 <= dense_gemv_rows <= MAX_ROWS:
-            raise ValueError(f"dense_gemv_rows must be in 0…{MAX_ROWS}, got {dense_gemv_rows}")
-        if fuse_norm is None:
-            fuse_norm = _env_flag("GPTOSS_FUSE_NORM", FUSE_NORM)
-        if fuse_norm_rows is None:
-            fuse_norm_rows = int(os.environ.get("GPTOSS_FUSE_NORM_ROWS", FUSE_NORM_ROWS))
-        if fuse_norm_rows < 0:
-            raise ValueError(f"fuse_norm_rows must be ≥ 0, got {fuse_norm_rows}")
-        self.dense_gemv_rows = dense_gemv_rows
-        self.fuse_norm, self.fuse_norm_rows = bool(fuse_norm), fuse_norm_rows
-        if fuse_rope is None:
-            fuse_rope = _env_flag("GPTOSS_FUSE_ROPE", FUSE_ROPE)
-        self.fuse_rope = bool(fuse_rope)
-        if rope_attn is None:
-            rope_attn = _env_flag("GPTOSS_ROPE_ATTN", ROPE_ATTN)
-        self.rope_attn = bool(rope_attn)
-        if self.fuse_rope and self.rope_attn:
-            raise ValueError("fuse_rope (GPTOSS_FUSE_ROPE) and rope_attn (GPTOSS_ROPE_ATTN) both "
-                             "move rope and the K/V cache write (into the qkv GEMV, into the "
-                             "decode attention): turn on at most one")
-        self._attn_window, self._attn_full = _attn_variants()
+        sw = OpsSwitches.from_env(dense_gemv_rows=dense_gemv_rows, fuse_norm=fuse_norm,
+                                  fuse_norm_rows=fuse_norm_rows, fuse_rope=fuse_rope,
+                                  rope_attn=rope_attn)
+        self.switches = sw
+        self.dense_gemv_rows = sw.dense_gemv_rows
+        self.fuse_norm, self.fuse_norm_rows = sw.fuse_norm, sw.fuse_norm_rows
+        self.fuse_rope, self.rope_attn = sw.fuse_rope, sw.rope_attn
+        self._attn_window, self._attn_full = sw.attn_window, sw.attn_full
         self._moe_forward, self._prepare_moe = _moe_backend()
         self._moe_forward_norm = _moe_norm_backend()
         self._prepared: dict[int, Any] = {}  # id(layer) → the MoE kernels' weight layout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import runtime.ops_switches as switches
 import runtime.ops_triton as ot
 from runtime.batch import build_batch
 from runtime.ops_triton import TritonOps
@@ -89,7 +90,7 @@ def test_only_decode_steps_the_fused_merge_kernel_serves(monkeypatch: pytest.Mon
 def test_rope_attn_comes_from_the_environment_and_excludes_fuse_rope(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert ot.ROPE_ATTN is False  # not yet timed on the GPU
+    assert switches.ROPE_ATTN is False  # not yet timed on the GPU
     monkeypatch.delenv("GPTOSS_ROPE_ATTN", raising=False)
     monkeypatch.delenv("GPTOSS_FUSE_ROPE", raising=False)
     assert not TritonOps().rope_attn

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import runtime.ops_switches as switches
 import runtime.ops_triton as ot
 from runtime.batch import build_batch
 from runtime.config import preset
@@ -100,7 +101,7 @@ def test_graph_steps_fuse_and_prompt_steps_do_not(monkeypatch: pytest.MonkeyPatc
 
 
 def test_fuse_rope_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ot.FUSE_ROPE is False  # not yet timed on the GPU
+    assert switches.FUSE_ROPE is False  # not yet timed on the GPU
     monkeypatch.delenv("GPTOSS_FUSE_ROPE", raising=False)
     assert not TritonOps().fuse_rope
     monkeypatch.setenv("GPTOSS_FUSE_ROPE", "1")
