@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
 import torch
@@ -28,6 +29,9 @@ from runtime.config import preset
 from runtime.engine import Engine, EngineConfig
 from runtime.synthetic import random_weights
 from runtime.types import PREVIOUS_TOKEN, SeqWork, StepPlan
+
+# kernel candidates picked by name, recorded with each row (empty: the default)
+SWITCH_NAMES = ("GPTOSS_ROPE_GEMV", "GPTOSS_ATTN_WINDOW", "GPTOSS_ATTN_FULL", "GPTOSS_PDL_PREFETCH")
 
 
 def ints(text: str) -> list[int]:
@@ -137,6 +141,8 @@ def main() -> None:
                               "fuse_norm": getattr(engine.model.ops, "fuse_norm", False),
                               "fuse_rope": getattr(engine.model.ops, "fuse_rope", False),
                               "rope_attn": getattr(engine.model.ops, "rope_attn", False),
+                              # the named kernel candidates in force (README's switches)
+                              **{k.lower(): os.environ.get(k, "") for k in SWITCH_NAMES},
                               "pdl": pdl.enabled()})
 
     engine = make_engine(weights, 1, max(args.contexts), args.graphs)
