@@ -1,4 +1,5 @@
-"""Latency candidates for batch-1 decode attention, one set per layer kind (opt-in, untimed).
+"""Latency candidates for batch-1 decode attention, one set per layer kind (timed in run 53;
+runtime/ops_switches.py picks win_bn128 and full_bn128_s16_once as the defaults).
 
 gpt-oss-20b at B=1: a sliding layer (window 128) reads 0.26 MB and a full layer at 4k 8.4 MB,
 yet the serving config (`decode_variants.SERVING`) takes ≈ 3.6 / 7.1 µs for them (L2-warm bench)

@@ -12,7 +12,7 @@ each step waits ~6 memory round trips. The options take those registers back:
 - epi_late: 0 = positions, slots and table rows read before the loop (as before); 1 = positions
   and slots before, table rows after; 2 = all after (one more round trip in each program's tail).
 
-GPTOSS_ROPE_GEMV=<name of CANDIDATES> picks one for launches that pass none (default: "base").
+GPTOSS_ROPE_GEMV=<name of CANDIDATES> picks one for launches that pass none (default: DEFAULT, "tile_late1", timed fastest with tile_late2 on an H100).
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ CANDIDATES: dict[str, RopeGemvOpts] = {
     "tile_late1": RopeGemvOpts(one_tile=True, epi_late=1),
     "tile_late2": RopeGemvOpts(one_tile=True, epi_late=2),
 }
-DEFAULT = CANDIDATES["base"]
+# H100, run 53 (bench.rope_gemv, µs, qkv + rope, residual): M=1 base 20.41, late1 16.64, tile
+# 13.82, tile_late1 13.69, tile_late2 13.56, unfused 16.15; M=2 15.35 / 15.16 / 15.54 / 15.33 /
+# 15.25, unfused 17.97. tile_late1 is what the decode step was timed with (tile_late2 within noise).
+DEFAULT = CANDIDATES["tile_late1"]
 
 
 def chosen() -> RopeGemvOpts:

@@ -19,9 +19,10 @@ predecessor was not launched with PDL (cuBLAS, torch kernels), so mixing is safe
 
 Off by default: measured slower (H100, run 47, notes/gpu-runs.md): batch-1 decode at 4k 2.340 →
 2.490 ms per step, 32k 2.558 → 2.763, batch 8 6.28 → 6.56. GPTOSS_PDL=1 turns it on for
-further experiments; GPTOSS_PDL_PREFETCH=0 keeps PDL without the weight prefetch (not yet timed:
-whether the evict_last prefetches or the early launches cost the time is open). The interpreter
-and CPU tensors never use it (the instructions are PTX).
+further experiments. Without the weight prefetch (GPTOSS_PDL_PREFETCH=0; run 53, with the fused
+rope and the attention configs on) it is mixed: batch-1 decode at 4k 2.129 → 2.103 ms per step
+(overlapped), 32k 2.356 → 2.398, which would put 32k 14 % behind 4k (target ≤ 10 %): still off.
+The interpreter and CPU tensors never use it (the instructions are PTX).
 """
 
 from __future__ import annotations

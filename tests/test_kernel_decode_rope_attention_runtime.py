@@ -43,7 +43,8 @@ def test_rope_in_attention_gives_the_unfused_tokens_hidden_states_and_caches(
 ) -> None:
     calls = spy(monkeypatch)
     steps = 4  # 6 prompt rows, then a mixed step of 4, then two decode steps of 2 rows
-    plain = make_model(TritonOps(8, fuse_norm=True, fuse_norm_rows=8, rope_attn=False))
+    plain = make_model(TritonOps(8, fuse_norm=True, fuse_norm_rows=8, rope_attn=False,
+                                 fuse_rope=False))
     plain_h, plain_t = prefill_then_decode(plain, steps)
     assert calls == {"fused": 0, "rope": steps * LAYERS, "gemv_rope": 0}
     calls.update(fused=0, rope=0)
@@ -76,7 +77,7 @@ def test_only_decode_steps_the_fused_merge_kernel_serves(monkeypatch: pytest.Mon
     calls = spy(monkeypatch)
     ops = TritonOps(8, fuse_norm=True, fuse_norm_rows=8, rope_attn=True)
     model = make_model(ops)
-    want = make_model(TritonOps(8, fuse_norm=True, fuse_norm_rows=8)).hidden(
+    want = make_model(TritonOps(8, fuse_norm=True, fuse_norm_rows=8, fuse_rope=False)).hidden(
         build_batch(decode_step(), "cpu"))
     calls.update(rope=0)
     got = model.hidden(build_batch(decode_step(), "cpu"))
@@ -96,6 +97,7 @@ def test_rope_attn_comes_from_the_environment_and_excludes_fuse_rope(
     assert not TritonOps().rope_attn
     monkeypatch.setenv("GPTOSS_ROPE_ATTN", "1")
     assert TritonOps().rope_attn
+    assert not TritonOps().fuse_rope  # rope_attn moves the rope the default fusion would take
     assert not TritonOps(rope_attn=False).rope_attn  # the argument wins
     assert TritonOps(rope_attn=False, fuse_rope=True).fuse_rope
     with pytest.raises(ValueError, match="at most one"):

@@ -82,12 +82,18 @@ def test_decode_attention_variant_follows_the_measured_batch_sizes(
 ) -> None:
     from kernels.decode_latency import FULL, WINDOW
     from kernels.decode_variants import SERVING, SERVING_MAX_ROWS
+    from runtime.ops_switches import ATTN_FULL, ATTN_WINDOW
 
+    monkeypatch.delenv("GPTOSS_ATTN_WINDOW", raising=False)
+    monkeypatch.delenv("GPTOSS_ATTN_FULL", raising=False)
     ops = TritonOps()
-    for window in (0, 128):
-        assert ops._decode_variant(1, window) is SERVING
-        assert ops._decode_variant(SERVING_MAX_ROWS, window) is SERVING
+    # the configs timed fastest per layer kind (H100, run 53)
+    for window, chosen in ((0, FULL[ATTN_FULL]), (128, WINDOW[ATTN_WINDOW])):
+        assert ops._decode_variant(1, window) is chosen
+        assert ops._decode_variant(SERVING_MAX_ROWS, window) is chosen
         assert ops._decode_variant(SERVING_MAX_ROWS + 1, window) is None  # two launches
+    monkeypatch.setenv("GPTOSS_ATTN_WINDOW", "serving")  # the former config, by name
+    assert TritonOps()._decode_variant(1, 128) is SERVING
     # a candidate per layer kind, by name (bench.attn_decode's)
     monkeypatch.setenv("GPTOSS_ATTN_WINDOW", "win_sink")
     monkeypatch.setenv("GPTOSS_ATTN_FULL", "full_once32")
@@ -104,7 +110,8 @@ def test_decode_rows_and_small_projections_reach_the_chosen_kernels(
     monkeypatch: pytest.MonkeyPatch, dense_gemv_rows: int
 ) -> None:
     import runtime.ops_triton as ot
-    from kernels.decode_variants import SERVING
+    from kernels.decode_latency import FULL, WINDOW
+    from runtime.ops_switches import ATTN_FULL, ATTN_WINDOW
 
     configs, gemv_rows = [], []
     decode_attention, linear_small = ot.decode_attention, ot.linear_small
@@ -124,7 +131,9 @@ def test_decode_rows_and_small_projections_reach_the_chosen_kernels(
     model = make_model(ops)
     for plan in steps()[:12]:  # prefill chunks, mixed steps, then decode-only steps
         model.forward(build_batch(plan, "cpu"))
-    assert configs and all(c is SERVING for c in configs)  # ≤ 64 rows: the fused variant
+    # ≤ 64 rows: the fused variant, each layer kind's config
+    assert configs and all(c in (FULL[ATTN_FULL], WINDOW[ATTN_WINDOW]) for c in configs)
+    assert FULL[ATTN_FULL] in configs and WINDOW[ATTN_WINDOW] in configs
     if dense_gemv_rows:
         assert gemv_rows and max(gemv_rows) <= dense_gemv_rows  # qkv and out of small batches
     else:
