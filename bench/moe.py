@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         peaks = measure_peaks()
         bw, rate = peaks.bandwidth, peaks.gemm
         out = [RESULTS] + ([args.out] if args.out else [])
+        if os.environ.get("OUT"):  # the GPU runner's return folder, as bench.common.record
+            out.append(Path(os.environ["OUT"]) / "moe.jsonl")
     only = frozenset(n for n in args.only.split(",") if n)
     if only and not args.sweep:
         ap.error("--only picks sweep candidates: give --sweep too")

@@ -218,7 +218,9 @@ def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     exponents loaded a step ahead: 16-row decode tiles up to 8 rows, 32-row tiles up to 64,
     64-row prefill tiles above, with the activations stored in MMA order first from 256 rows
     (4096 tokens of 20b: 2640 vs 2715 µs on an H100, 2336 vs 2569 on an H200; at 1024 tokens,
-    128 rows, the two tie)."""
+    128 rows, the two tie). Up to 8 rows with ≤ 32 experts (20b): 256-row, 3-stage decode tiles
+    (run 53, H100: 20b 64 tokens 255.9 vs DECODE_SA's 272.4 µs, 16 tokens 234.8 and faster than
+    DECODE_SA; at 120b, 64 tokens, DECODE_SA stayed ahead)."""
     rows = tokens * top_k / num_experts
     pairs = tokens * top_k
     if pairs <= GEMV_MAX_PAIRS and rows <= 1:  # the f16 step with its loads first
@@ -226,6 +228,10 @@ def choose_config(tokens: int, top_k: int, num_experts: int) -> MoEConfig:
 
         return GEMV_ONE if tokens == 1 else GEMV_SMALL  # one token: the combine in GEMM 2
     if rows <= 8:
+        if num_experts <= 32:  # 256 weight rows per program, 3 stages (kernels/moe_configs_decode2)
+            from kernels.moe_configs_decode2 import DECODE2_CANDIDATES
+
+            return DECODE2_CANDIDATES["d2_n256k64st3"]
         return DECODE_SA
     if rows <= 64:
         return MIDDLE_SA

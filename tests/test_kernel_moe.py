@@ -21,6 +21,7 @@ from kernels.moe import (
     router_logits,
 )
 from kernels.moe_configs import DECODE_SA, GEMV_FAST, MIDDLE_SA, PREFILL_SA
+from kernels.moe_configs_decode2 import DECODE2_CANDIDATES
 from kernels.moe_configs_prefill import PREFILL2_CANDIDATES
 from kernels.moe_gemm import GemmTiles
 from kernels.moe_ref import experts_ref, route_ref
@@ -122,8 +123,10 @@ def test_config_follows_rows_per_expert() -> None:
     assert choose_config(1, 4, 32).gemv is not None  # small batches: GEMVs (test_kernel_moe_gemv)
     assert choose_config(8, 4, 32).gemv is not None  # one row per expert: still GEMVs
     assert choose_config(16, 4, 128).gemv is not None  # 64 pairs over 128 experts: GEMVs
-    assert choose_config(16, 4, 32) is DECODE_SA  # 2 rows per expert: tiles
-    assert choose_config(64, 4, 32) is DECODE_SA  # 8 rows
+    wide = DECODE2_CANDIDATES["d2_n256k64st3"]  # 20b's experts: wider, pipelined tiles
+    assert choose_config(16, 4, 32) is wide  # 2 rows per expert: tiles
+    assert choose_config(64, 4, 32) is wide  # 8 rows
+    assert choose_config(64, 4, 128) is DECODE_SA  # 120b's experts, 2 rows
     assert choose_config(256, 4, 128) is DECODE_SA
     assert choose_config(128, 4, 32) is MIDDLE_SA  # 16 rows
     assert choose_config(512, 4, 32) is MIDDLE_SA  # 64 rows
