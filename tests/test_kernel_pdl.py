@@ -69,12 +69,14 @@ def test_prefetch_sectors_cover_a_row_and_cost_no_variant_when_off(
         "PDL": True, "launch_pdl": True, "SECTORS": 0}
 
 
+@pytest.mark.parametrize("fuse_rope", [True, False])
 def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, fuse_rope: bool,
 ) -> None:
     """One- and two-token decode steps of the tiny model with the Triton ops (interpreted): the
     dense GEMVs, the router, both MoE GEMVs, the combine, rope and the fused decode attention all
-    take their launch flags from kernels.pdl (a launcher that dropped them would fail here)."""
+    take their launch flags from kernels.pdl (a launcher that dropped them would fail here); rope
+    either as the qkv GEMV's epilogue (the default) or as its own launch."""
     callers: set[tuple[str, bool]] = set()  # (launcher, with a weight-row prefetch)
     real = pdl.launch_args
 
@@ -87,14 +89,14 @@ def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
     weights = random_weights(cfg, seed=3, device="cpu", dtype=torch.float32)
     shape = CacheShape(max_slots=2, max_context=64, max_chunk_tokens=8)
     model = Model(weights, KVCache(cfg, shape, "cpu", torch.float32), 64,
-                  ops=TritonOps(dense_gemv_rows=8))
+                  ops=TritonOps(dense_gemv_rows=8, fuse_rope=fuse_rope))
     model.hidden(build_batch(StepPlan((SeqWork(0, (5, 9, 200), 0, sample=True),)), "cpu"))
     callers.clear()
     model.hidden(build_batch(StepPlan((SeqWork(0, (7,), 3, sample=True),)), "cpu"))
     # one token (GEMV_ONE): moe_gemv launches GEMM 2 with the combine folded in
+    rope = ("norm_linear_rope_small", True) if fuse_rope else ("rope_cache_write", False)
     assert {("linear_small", True), ("route_fused", False), ("gemv1_swiglu", False),
-            ("moe_gemv", False), ("rope_cache_write", False),
-            ("launch_fused", False)} <= callers, callers
+            ("moe_gemv", False), rope, ("launch_fused", False)} <= callers, callers
     callers.clear()  # two tokens (GEMV_FAST): GEMM 2 (prefetching its code rows), the combine
     model.hidden(build_batch(StepPlan((SeqWork(0, (7,), 4, sample=True),
                                        SeqWork(1, (8,), 2, sample=True))), "cpu"))
