@@ -35,16 +35,15 @@ def _layer(dtype: torch.dtype, tokens: int):
     return cfg, layer, x
 
 
+# (kept to one case per candidate plus the folded combine's: each is ≈ 15 s interpreted in CI)
 CASES = [pytest.param(name, torch.float16, 1, id=f"{name}-fp16-1") for name in NAMES] + [
-    pytest.param("g8_n16k512s2", torch.float32, 1, id="g8_n16k512s2-fp32-1"),
     pytest.param("g8_n32k256s4", torch.float16, 3, id="g8_n32k256s4-fp16-3"),
 ]
 
 
 @pytest.mark.parametrize(("name", "dtype", "tokens"), CASES)
 def test_candidates_give_the_oracles_layer(name: str, dtype: torch.dtype, tokens: int) -> None:
-    """fp16: the fenced f16 step; fp32 activations: the f32 step (f16 tiles fall back to it);
-    3 tokens: the folded combine sums several tokens per block."""
+    """fp16: the fenced f16 step; 3 tokens: the folded combine sums several tokens per block."""
     cfg, layer, x = _layer(dtype, tokens)
     got = moe_forward(x, layer, cfg, prepare_moe(layer), GEMV2ONE_CANDIDATES[name])
     want = moe_forward_ref(x, layer, cfg)
@@ -54,7 +53,7 @@ def test_candidates_give_the_oracles_layer(name: str, dtype: torch.dtype, tokens
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["g8_n16k512s1"])  # the fence's code is shared by all three
 def test_the_fence_keeps_the_plain_f16_steps_bits(name: str) -> None:
     """Same tiles without loads_first: bit-equal outputs (the fence only ORs a zero)."""
     cfg, layer, x = _layer(torch.float16, 1)
