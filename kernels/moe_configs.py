@@ -185,8 +185,10 @@ def candidates(tokens: int, top_k: int, num_experts: int) -> dict[str, MoEConfig
             GEMV_SPLIT_CANDIDATES,
             GEMV_WAVE_CANDIDATES,
         )
+        from kernels.moe_configs_gemv2one import GEMV2ONE_CANDIDATES  # GEMM 2 shapes only
 
         out.update(GEMV_CANDIDATES)
+        out.update(GEMV2ONE_CANDIDATES)
         out.update(GEMV2_CANDIDATES)
         out.update(GEMV_WAVE_CANDIDATES)
         out.update(GEMV_SPLIT_CANDIDATES)
