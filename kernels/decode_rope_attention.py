@@ -29,20 +29,18 @@ checked on the device (no host sync), nor are positions < the table's rows.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from kernels import pdl
-from kernels.decode_attention import _num_sms, decode_attention_ref
+from kernels.decode_attention import LOG2E, _num_sms, decode_attention_ref
 from kernels.decode_variants import (
-    MERGE_FLOATS,
-    MERGE_ONCE_FLOATS,
     SERVING,
     DecodeVariant,
-    _finish,
-    _merge,
-    _merge_once,
-    arrival_counters,
+    _finish,  # noqa: F401 - _split_done calls them, resolved in this set's copy
+    _merge,  # noqa: F401
+    _merge_once,  # noqa: F401
+    _split_done,
+    fused_launch,
 )
 from kernels.jit import KernelSet
 from kernels.pdl import wait_then_release
@@ -50,9 +48,8 @@ from kernels.rope import rope_cache_write_ref
 
 jit = KernelSet(globals())
 pdl.register(jit)
-for _helper in (_finish, _merge, _merge_once):  # decode_variants' helpers, in this set's mode
+for _helper in (_finish, _merge, _merge_once, _split_done):  # decode_variants' helpers, in this set's mode
     jit(_helper)
-LOG2E = 1.4426950408889634
 
 
 def rope_decode_attention_ref(
@@ -112,6 +109,8 @@ def _rope_decode_kernel(
     v_new = tl.load(V + b * sv_b + kvh * sv_h + cols).to(VC.dtype.element_ty)  # [D]
     if SINK_FIRST:
         sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
+    else:
+        sink = tl.zeros([G_P], tl.float32)  # placeholder: _split_done loads it after the keys
     slot = tl.load(SLOT + b).to(tl.int64)
     pos = tl.load(POS + b).to(tl.int32)
     lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else pos * 0
@@ -180,31 +179,9 @@ def _rope_decode_kernel(
         acc = acc * alpha[:, None] + pv
         m = m_new
 
-    if active == 1:
-        if not SINK_FIRST:
-            sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
-        _finish(OUT, b * so_b + heads * so_h, cols, hmask, sink, m, ell, acc)
-    else:
-        part = (b * NQ + heads) * SPLITS + split  # [G_P] into [B, nq, SPLITS]
-        tl.store(PM + part, m, mask=hmask)
-        tl.store(PL + part, ell, mask=hmask)
-        tl.store(PACC + part[:, None] * D + cols[None, :], acc, mask=hmask[:, None])
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        cnt = CNT + b * NKV + kvh
-        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if done == active - 1:  # the last of the row's active splits: merge
-            tl.debug_barrier()
-            gm = tl.arange(0, G_M)
-            heads_m = kvh * G + gm
-            if MERGE_ONCE:
-                _merge_once(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
-                            (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
-                            G_M, SPLITS_P, D)
-            else:
-                _merge(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
-                       (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
-                       G_M, SPLITS_P, MERGE_S, D)
-            tl.store(cnt, 0)  # ready for the next launch (and graph replay)
+    _split_done(OUT, PM, PL, PACC, CNT, SINK, b, kvh, split, heads, hmask, cols, sink, m, ell,
+                acc, active, so_b, so_h, NQ, NKV, SPLITS, G, G_M, SPLITS_P, MERGE_S, D,
+                SINK_FIRST, MERGE_ONCE)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
@@ -280,34 +257,14 @@ def rope_decode_attention(
         return out
     max_keys = min(cap, window) if window > 0 else cap
     splits = num_splits or config.splits(bsz, nkv, max_keys, _num_sms(q.device))
-    splits = max(1, min(splits, config.max_splits))
-    if splits > 1:
-        pm = torch.empty((bsz, nq, splits), dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty((bsz, nq, splits, d), dtype=torch.float32, device=q.device)
-    else:
-        pm = pl = pacc = out  # unused: one split writes the output itself
-    cnt = arrival_counters(bsz * nkv, q.device)
-    g = nq // nkv
-    g_m = triton.next_power_of_2(g)
-    splits_p = triton.next_power_of_2(config.max_splits)
-    merge_s = min(splits_p, config.merge_splits or max(1, MERGE_FLOATS // (g_m * d)))
-    if config.merge_once and g_m * splits_p * d > MERGE_ONCE_FLOATS:
-        raise ValueError(f"rope_decode_attention: merge_once holds {g_m}×{splits_p}×{d} partial "
-                         f"floats, more than {MERGE_ONCE_FLOATS}: lower max_splits")
-    precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
-    jit["_rope_decode_kernel"][(bsz, nkv, splits)](
+    launch = fused_launch(out, nkv, splits, config, "rope_decode_attention")
+    jit["_rope_decode_kernel"][(bsz, nkv, launch.splits)](
         q, k, v, cos_table, sin_table, k_cache, v_cache, slot_ids.contiguous(),
-        positions.contiguous(), sinks.contiguous(), out, pm, pl, pacc, cnt,
+        positions.contiguous(), sinks.contiguous(), out, *launch.buffers,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        cap, scale * LOG2E, nq, nkv, splits, window,
-        G=g, G_P=max(16, triton.next_power_of_2(g)), G_M=g_m, D=d, HALF_P=max(16, d // 2),
-        BLOCK_N=config.block_n,
-        SPLITS_P=splits_p, MERGE_S=merge_s, KV_TOGETHER=config.kv_together,
-        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
-        SINK_FIRST=config.sink_first, MERGE_ONCE=config.merge_once,
-        EARLY_SLOT=config.early_slot, **pdl.launch_args(q.device),
+        cap, scale * LOG2E, nq, nkv, launch.splits, window, HALF_P=max(16, d // 2),
+        **launch.kwargs,
     )
     return out

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -204,6 +205,42 @@ def _merge_once(PM, PL, PACC, SINK, OUT, o_rows, part_rows, cols, hmask, heads, 
              mask=hmask[:, None])
 
 
+@jit
+def _split_done(OUT, PM, PL, PACC, CNT, SINK, b, kvh, split, heads, hmask, cols, sink, m, ell,
+                acc, active, so_b, so_h, NQ, NKV, SPLITS, G: tl.constexpr, G_M: tl.constexpr,
+                SPLITS_P: tl.constexpr, MERGE_S: tl.constexpr, D: tl.constexpr,
+                SINK_FIRST: tl.constexpr, MERGE_ONCE: tl.constexpr):
+    """A split's softmax state (m, ℓ, acc) [G_P] / [G_P, D] to the output: written directly when
+    the row has one active split, else stored as partials, and the last split to arrive merges
+    them and resets the counter (the module docstring's fused merge). Without SINK_FIRST the
+    sinks are loaded here (sink is then a placeholder)."""
+    if active == 1:
+        if not SINK_FIRST:
+            sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
+        _finish(OUT, b * so_b + heads * so_h, cols, hmask, sink, m, ell, acc)
+    else:
+        part = (b * NQ + heads) * SPLITS + split  # [G_P] into [B, nq, SPLITS]
+        tl.store(PM + part, m, mask=hmask)
+        tl.store(PL + part, ell, mask=hmask)
+        tl.store(PACC + part[:, None] * D + cols[None, :], acc, mask=hmask[:, None])
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        cnt = CNT + b * NKV + kvh
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == active - 1:  # the last of the row's active splits: merge
+            tl.debug_barrier()
+            gm = tl.arange(0, G_M)
+            heads_m = kvh * G + gm
+            if MERGE_ONCE:
+                _merge_once(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
+                            (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
+                            G_M, SPLITS_P, D)
+            else:
+                _merge(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
+                       (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
+                       G_M, SPLITS_P, MERGE_S, D)
+            tl.store(cnt, 0)  # ready for the next launch (and graph replay)
+
+
 @jit(do_not_specialize=("CAP", "SPLITS"))
 def _fused_decode_kernel(
     Q, KC, VC, SLOT, POS, SINK, OUT, PM, PL, PACC, CNT,
@@ -228,6 +265,8 @@ def _fused_decode_kernel(
                 other=0.0)  # [G_P, D]
     if SINK_FIRST:  # with q: no round trip for it after the keys
         sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
+    else:
+        sink = tl.zeros([G_P], tl.float32)  # placeholder: _split_done loads it after the keys
     slot = tl.load(SLOT + b).to(tl.int64)
     pos = tl.load(POS + b).to(tl.int32)  # 32-bit block arithmetic: no 64-bit divisions
     lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else pos * 0
@@ -270,31 +309,9 @@ def _fused_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    if active == 1:
-        if not SINK_FIRST:
-            sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634
-        _finish(OUT, b * so_b + heads * so_h, cols, hmask, sink, m, ell, acc)
-    else:
-        part = (b * NQ + heads) * SPLITS + split  # [G_P] into [B, nq, SPLITS]
-        tl.store(PM + part, m, mask=hmask)
-        tl.store(PL + part, ell, mask=hmask)
-        tl.store(PACC + part[:, None] * D + cols[None, :], acc, mask=hmask[:, None])
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        cnt = CNT + b * NKV + kvh
-        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if done == active - 1:  # the last of the row's active splits: merge
-            tl.debug_barrier()
-            gm = tl.arange(0, G_M)
-            heads_m = kvh * G + gm
-            if MERGE_ONCE:
-                _merge_once(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
-                            (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
-                            G_M, SPLITS_P, D)
-            else:
-                _merge(PM, PL, PACC, SINK, OUT, b * so_b + heads_m * so_h,
-                       (b * NQ + heads_m) * SPLITS, cols, gm < G, heads_m, active,
-                       G_M, SPLITS_P, MERGE_S, D)
-            tl.store(cnt, 0)  # ready for the next launch (and graph replay)
+    _split_done(OUT, PM, PL, PACC, CNT, SINK, b, kvh, split, heads, hmask, cols, sink, m, ell,
+                acc, active, so_b, so_h, NQ, NKV, SPLITS, G, G_M, SPLITS_P, MERGE_S, D,
+                SINK_FIRST, MERGE_ONCE)
 
 
 def launch_fused(
@@ -303,32 +320,54 @@ def launch_fused(
     splits: int, cfg: DecodeVariant,
 ) -> None:
     """Runs the fused kernel into out [B, nq, d] (inputs already validated by decode_attention)."""
-    bsz, nq, d = q.shape
     cap, nkv = k_cache.shape[1], k_cache.shape[2]
+    launch = fused_launch(out, nkv, splits, cfg, "decode attention")
+    jit["_fused_decode_kernel"][(q.shape[0], nkv, launch.splits)](
+        q, k_cache, v_cache, slot_ids, positions, sinks, out, *launch.buffers,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        cap, scale * 1.4426950408889634, q.shape[1], nkv, launch.splits, window,
+        **launch.kwargs,
+    )
+
+
+class FusedLaunch(NamedTuple):
+    """What a fused-merge launch shares between its kernels (this file's, decode_rope_attention's):
+    the split count, the partials and arrival counters (PM, PL, PACC, CNT), and the keyword
+    arguments from G to EARLY_SLOT with the launch options."""
+
+    splits: int
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    kwargs: dict[str, Any]
+
+
+def fused_launch(out: torch.Tensor, nkv: int, splits: int, cfg: DecodeVariant,
+                 name: str) -> FusedLaunch:
+    """The launch state of a fused-merge kernel writing out [B, nq, d] (its dtype and device are
+    the inputs'), splits capped at cfg.max_splits; name labels the error when merge_once cannot
+    hold the partials."""
+    bsz, nq, d = out.shape
     g = nq // nkv
     splits = max(1, min(splits, cfg.max_splits))
     if splits > 1:
-        pm = torch.empty((bsz, nq, splits), dtype=torch.float32, device=q.device)
+        pm = torch.empty((bsz, nq, splits), dtype=torch.float32, device=out.device)
         pl = torch.empty_like(pm)
-        pacc = torch.empty((bsz, nq, splits, d), dtype=torch.float32, device=q.device)
+        pacc = torch.empty((bsz, nq, splits, d), dtype=torch.float32, device=out.device)
     else:
         pm = pl = pacc = out  # unused: one split writes the output itself
-    cnt = arrival_counters(bsz * nkv, q.device)
+    cnt = arrival_counters(bsz * nkv, out.device)
     g_m = triton.next_power_of_2(g)
     splits_p = triton.next_power_of_2(cfg.max_splits)
     merge_s = min(splits_p, cfg.merge_splits or max(1, MERGE_FLOATS // (g_m * d)))
     if cfg.merge_once and g_m * splits_p * d > MERGE_ONCE_FLOATS:
-        raise ValueError(f"decode attention: merge_once holds {g_m}×{splits_p}×{d} partial "
+        raise ValueError(f"{name}: merge_once holds {g_m}×{splits_p}×{d} partial "
                          f"floats, more than {MERGE_ONCE_FLOATS}: lower max_splits")
-    precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no TF32 rounding
-    jit["_fused_decode_kernel"][(bsz, nkv, splits)](
-        q, k_cache, v_cache, slot_ids, positions, sinks, out, pm, pl, pacc, cnt,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        cap, scale * 1.4426950408889634, nq, nkv, splits, window,
+    precision = "ieee" if out.dtype == torch.float32 else None  # fp32: no TF32 rounding
+    kwargs = dict(
         G=g, G_P=max(16, triton.next_power_of_2(g)), G_M=g_m, D=d, BLOCK_N=cfg.block_n,
         SPLITS_P=splits_p, MERGE_S=merge_s, KV_TOGETHER=cfg.kv_together,
         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         SINK_FIRST=cfg.sink_first, MERGE_ONCE=cfg.merge_once, EARLY_SLOT=cfg.early_slot,
-        **pdl.launch_args(q.device),
+        **pdl.launch_args(out.device),
     )
+    return FusedLaunch(splits, (pm, pl, pacc, cnt), kwargs)
