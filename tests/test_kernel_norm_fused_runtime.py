@@ -26,6 +26,22 @@ from runtime.types import SeqWork, StepPlan
 LAYERS = preset("tiny").num_hidden_layers
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: object,
+                names: dict[str, str]) -> dict[str, int]:
+    """Wraps module.<name> for each key's name (still calling it); calls[key] counts them."""
+    calls = dict.fromkeys(names, 0)
+
+    def counting(key: str, real):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[key] += 1
+            return real(*args, **kwargs)
+        return call
+
+    for key, name in names.items():
+        monkeypatch.setattr(module, name, counting(key, getattr(module, name)))
+    return calls
+
+
 def make_model(ops) -> Model:  # noqa: ANN001
     cfg = preset("tiny")
     weights = random_weights(cfg, seed=11, device="cpu", dtype=torch.float32)
@@ -206,20 +222,8 @@ def test_gpu_fused_norms_give_the_unfused_logits_in_float32(
 def test_gpu_fused_norms_replay_in_decode_graphs_as_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16, every decode graph bucket: the fused kernels captured and replayed give the tokens
     of the same steps run eagerly (capturable: no host syncs, grids fixed by the batch size)."""
-    from runtime.types import GREEDY, SamplingParams
+    from tests.test_gpu_runtime import assert_decode_graphs_replay_as_eager
 
     eager = gpu_engine(monkeypatch, True)
     graphed = gpu_engine(monkeypatch, True, cuda_graphs=True, step_graphs=False)
-    assert graphed.graphs is not None and graphed.graphs.graphs
-    for n in graphed.graphs.buckets:
-        sps = [SamplingParams(temperature=0.8, top_p=0.9, seed=100 + s) for s in range(n)]
-        results = []
-        for e in (eager, graphed):
-            for s in range(n):
-                e.generate([3 + i for i in range(10 + s)], GREEDY, max_new_tokens=1, slot=s)
-            works = tuple(SeqWork(s, (7,), 10 + s, sample=True, sampling=sps[s])
-                          for s in range(n))
-            res = e.step(StepPlan(works))
-            results.append([t.token_id for t in res.tokens])
-            assert res.cuda_graph == (e is graphed)
-        assert results[0] == results[1], f"bucket {n}: graph replay differs from eager"
+    assert_decode_graphs_replay_as_eager(eager, graphed)
