@@ -64,7 +64,6 @@ class TritonOps(NormThenOp):
         sw = OpsSwitches.from_env(dense_gemv_rows=dense_gemv_rows, fuse_norm=fuse_norm,
                                   fuse_norm_rows=fuse_norm_rows, fuse_rope=fuse_rope,
                                   rope_attn=rope_attn)
-        self.switches = sw
         self.dense_gemv_rows = sw.dense_gemv_rows
         self.fuse_norm, self.fuse_norm_rows = sw.fuse_norm, sw.fuse_norm_rows
         self.fuse_rope, self.rope_attn = sw.fuse_rope, sw.rope_attn
