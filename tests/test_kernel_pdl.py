@@ -75,7 +75,8 @@ def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
 ) -> None:
     """One- and two-token decode steps of the tiny model with the Triton ops (interpreted): the
     dense GEMVs, the router, both MoE GEMVs, the combine, rope and the fused decode attention all
-    take their launch flags from kernels.pdl (a launcher that dropped them would fail here); rope
+    take their launch flags from kernels.pdl (a launcher that dropped them would fail here; the
+    attention asks in kernels.decode_variants.fused_launch, shared with rope-in-attention); rope
     either as the qkv GEMV's epilogue (the default) or as its own launch."""
     callers: set[tuple[str, bool]] = set()  # (launcher, with a weight-row prefetch)
     real = pdl.launch_args
@@ -96,7 +97,7 @@ def test_every_kernel_of_a_decode_step_asks_whether_to_use_pdl(
     # one token (GEMV_ONE): moe_gemv launches GEMM 2 with the combine folded in
     rope = ("norm_linear_rope_small", True) if fuse_rope else ("rope_cache_write", False)
     assert {("linear_small", True), ("route_fused", False), ("gemv1_swiglu", False),
-            ("moe_gemv", False), rope, ("launch_fused", False)} <= callers, callers
+            ("moe_gemv", False), rope, ("fused_launch", False)} <= callers, callers
     callers.clear()  # two tokens (GEMV_FAST): GEMM 2 (prefetching its code rows), the combine
     model.hidden(build_batch(StepPlan((SeqWork(0, (7,), 4, sample=True),
                                        SeqWork(1, (8,), 2, sample=True))), "cpu"))
