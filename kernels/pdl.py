@@ -27,13 +27,12 @@ The interpreter and CPU tensors never use it (the instructions are PTX).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels.env import flag
 from kernels.jit import KernelSet, interpret_forced
 
 ENV = "GPTOSS_PDL"
@@ -46,7 +45,7 @@ def enabled() -> bool:
     """PDL on for compiled launches: set_enabled's value, else $GPTOSS_PDL, else DEFAULT."""
     if _override:
         return _override[-1]
-    return os.environ.get(ENV, "1" if DEFAULT else "0").strip().lower() in ("1", "true", "on")
+    return flag(ENV, DEFAULT)
 
 
 def set_enabled(on: bool | None) -> None:
@@ -63,8 +62,7 @@ def launch_args(device: torch.device, row_bytes: int | None = None) -> dict:
     on = enabled() and device.type == "cuda" and not interpret_forced()
     args = {"PDL": on, "launch_pdl": on}
     if row_bytes is not None:
-        prefetch = os.environ.get(PREFETCH_ENV, "1").strip().lower() in ("1", "true", "on")
-        args["SECTORS"] = sectors(row_bytes) if on and prefetch else 0
+        args["SECTORS"] = sectors(row_bytes) if on and flag(PREFETCH_ENV, True) else 0
     return args
 
 
@@ -105,5 +103,5 @@ def sectors(row_bytes: int) -> int:
     return triton.next_power_of_2(max(1, triton.cdiv(row_bytes, 32)))
 
 
-__all__ = ["DEFAULT", "ENV", "enabled", "launch_args", "prefetch_rows", "register", "sectors",
+__all__ = ["DEFAULT", "ENV", "PREFETCH_ENV", "enabled", "launch_args", "prefetch_rows", "register", "sectors",
            "set_enabled", "wait_then_release"]

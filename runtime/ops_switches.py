@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from kernels.decode_latency import FULL, WINDOW
 from kernels.decode_variants import SERVING, DecodeVariant
 from kernels.dense_gemv import MAX_ROWS
+from kernels.env import flag as env_flag
 
 # The dense projections (qkv, out) of batches up to this many rows run the one-launch Triton GEMV
 # (kernels/dense_gemv.py) instead of cuBLAS; 0 turns it off. GPTOSS_DENSE_GEMV_ROWS overrides it.
@@ -49,18 +50,6 @@ ROPE_ATTN = False
 ATTN_WINDOW = "win_bn128"
 ATTN_FULL = "full_bn128_s16_once"
 
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A boolean switch from the environment: 1/0, true/false, on/off, yes/no; unset: default."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if value.lower() in ("1", "true", "on", "yes"):
-        return True
-    if value.lower() in ("0", "false", "off", "no", ""):
-        return False
-    raise ValueError(f"{name} must be 1/0 (true/false, on/off), got {value!r}")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -56,6 +56,21 @@ def test_pdl_follows_the_environment_on_cuda_and_is_never_used_on_the_cpu(
     assert pdl.launch_args(cuda)["PDL"] is True
 
 
+def test_a_pdl_switch_that_is_neither_yes_nor_no_is_an_error_not_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda = torch.device("cuda")
+    monkeypatch.setenv(pdl.ENV, " Yes ")
+    assert pdl.launch_args(cuda)["PDL"] is True
+    monkeypatch.setenv(pdl.ENV, "enabled")
+    with pytest.raises(ValueError, match="GPTOSS_PDL must be 1/0"):
+        pdl.launch_args(cuda)
+    monkeypatch.setenv(pdl.ENV, "on")
+    monkeypatch.setenv(pdl.PREFETCH_ENV, "sometimes")
+    with pytest.raises(ValueError, match="GPTOSS_PDL_PREFETCH must be 1/0"):
+        pdl.launch_args(cuda, row_bytes=5760)
+
+
 def test_prefetch_sectors_cover_a_row_and_cost_no_variant_when_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
