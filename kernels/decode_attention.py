@@ -159,6 +159,41 @@ def decode_splits(batch: int, nkv: int, max_keys: int, block_n: int, device: tor
     return max(1, min(want, blocks // 4, MAX_SPLITS))
 
 
+def check_decode_inputs(name: str, q: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
+                        sinks: torch.Tensor, window: int) -> None:
+    """ValueError, prefixed with the launcher's name, naming the first of a decode attention's
+    common inputs it cannot take: q [B, nq, d], the caches [S+1, C, nkv, d] of q's dtype, slot_ids
+    and positions [B] integer, sinks fp32 [nq], window ≥ 0, one device (decode_attention and
+    decode_rope_attention.rope_decode_attention, which checks its own k, v and tables too)."""
+    if q.dim() != 3:
+        raise ValueError(f"{name}: q must be [B, nq, d], got {tuple(q.shape)}")
+    bsz, nq, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
+        raise ValueError(f"{name}: caches must both be [S+1, C, nkv, {d}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    nkv = k_cache.shape[2]
+    if nq % nkv:
+        raise ValueError(f"{name}: {nq} query heads not a multiple of {nkv} KV heads")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"{name}: head_dim must be a power of two ≥ 16, got {d}")
+    if k_cache.dtype != v_cache.dtype or q.dtype != k_cache.dtype:
+        raise ValueError(f"{name}: q ({q.dtype}) and caches ({k_cache.dtype}, {v_cache.dtype}) "
+                         "differ")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError(f"{name}: q and the caches need a contiguous last dimension")
+    if slot_ids.shape != (bsz,) or positions.shape != (bsz,):
+        raise ValueError(f"{name}: slot_ids and positions must be [{bsz}]")
+    if slot_ids.dtype.is_floating_point or positions.dtype.is_floating_point:
+        raise ValueError(f"{name}: slot_ids and positions must be integer tensors")
+    if sinks.shape != (nq,) or sinks.dtype != torch.float32:
+        raise ValueError(f"{name}: sinks must be fp32 [{nq}]")
+    if window < 0:
+        raise ValueError(f"{name}: window must be ≥ 0, got {window}")
+    if any(x.device != q.device for x in (k_cache, v_cache, slot_ids, positions, sinks)):
+        raise ValueError(f"{name}: all tensors must be on one device")
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, nq, d] (rotated)
     k_cache: torch.Tensor,  # [S+1, C, nkv, d]
@@ -181,34 +216,12 @@ def decode_attention(
     config: run the one-launch fused-merge kernel of decode_variants.py with that launch shape
     (block_n / num_warps / num_stages above are then ignored; num_splits still overrides the
     split count, capped at config.max_splits). See there: one stream at a time per device."""
-    if q.dim() != 3:
-        raise ValueError(f"decode_attention: q must be [B, nq, d], got {tuple(q.shape)}")
+    check_decode_inputs("decode_attention", q, k_cache, v_cache, slot_ids, positions, sinks,
+                        window)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"decode_attention: block_n must be a power of two ≥ 16, got {block_n}")
     bsz, nq, d = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
-        raise ValueError(
-            f"decode_attention: caches must both be [S+1, C, nkv, {d}], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
     cap, nkv = k_cache.shape[1], k_cache.shape[2]
-    if nq % nkv:
-        raise ValueError(f"decode_attention: {nq} query heads not a multiple of {nkv} KV heads")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"decode_attention: head_dim must be a power of two ≥ 16, got {d}")
-    if k_cache.dtype != v_cache.dtype or q.dtype != k_cache.dtype:
-        raise ValueError(
-            f"decode_attention: q ({q.dtype}) and caches ({k_cache.dtype}, {v_cache.dtype}) differ"
-        )
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("decode_attention: q and the caches need a contiguous last dimension")
-    if slot_ids.shape != (bsz,) or positions.shape != (bsz,):
-        raise ValueError(f"decode_attention: slot_ids and positions must be [{bsz}]")
-    if sinks.shape != (nq,) or sinks.dtype != torch.float32:
-        raise ValueError(f"decode_attention: sinks must be fp32 [{nq}]")
-    if window < 0 or block_n < 16 or block_n & (block_n - 1):
-        raise ValueError("decode_attention: window must be ≥ 0 and block_n a power of two ≥ 16")
-    tensors = (k_cache, v_cache, slot_ids, positions, sinks)
-    if any(x.device != q.device for x in tensors):
-        raise ValueError("decode_attention: all tensors must be on one device")
     out = torch.empty((bsz, nq, d), dtype=q.dtype, device=q.device)
     if bsz == 0:
         return out

@@ -32,7 +32,12 @@ import torch
 import triton.language as tl
 
 from kernels import pdl
-from kernels.decode_attention import LOG2E, _num_sms, decode_attention_ref
+from kernels.decode_attention import (
+    LOG2E,
+    _num_sms,
+    check_decode_inputs,
+    decode_attention_ref,
+)
 from kernels.decode_variants import (
     SERVING,
     DecodeVariant,
@@ -188,42 +193,27 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.T
            sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            slot_ids: torch.Tensor, positions: torch.Tensor, sinks: torch.Tensor,
            window: int) -> None:
-    """ValueError naming the first input the kernel cannot take."""
+    """ValueError naming the first input the kernel cannot take: decode_attention's checks of q,
+    the caches and the rows, then the new token's k, v and the rope tables."""
     name = "rope_decode_attention"
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"{name}: q, k, v must be [B, heads, d]")
-    bsz, nq, d = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
-        raise ValueError(f"{name}: caches must both be [S+1, C, nkv, {d}], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    check_decode_inputs(name, q, k_cache, v_cache, slot_ids, positions, sinks, window)
+    bsz, _, d = q.shape
     nkv = k_cache.shape[2]
     if k.shape != (bsz, nkv, d) or v.shape != (bsz, nkv, d):
         raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
                          f"[{bsz}, {nkv}, {d}] (the caches' KV heads)")
-    if nq % nkv:
-        raise ValueError(f"{name}: {nq} query heads not a multiple of {nkv} KV heads")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"{name}: head_dim must be a power of two ≥ 16, got {d}")
-    dtypes = {q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}
-    if len(dtypes) != 1:
+    if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{name}: q, k, v and the caches must share one dtype, got "
                          f"{q.dtype} {k.dtype} {v.dtype} {k_cache.dtype} {v_cache.dtype}")
-    if any(x.stride(-1) != 1 for x in (q, k, v, k_cache, v_cache)):
-        raise ValueError(f"{name}: q, k, v and the caches need a contiguous last dimension")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"{name}: k and v need a contiguous last dimension")
     for label, table in (("cos_table", cos_table), ("sin_table", sin_table)):
         if (table.dim() != 2 or table.shape[1] != d // 2 or table.dtype != torch.float32
                 or not table.is_contiguous()):
             raise ValueError(f"{name}: {label} must be contiguous fp32 [P, {d // 2}]")
-    if slot_ids.shape != (bsz,) or positions.shape != (bsz,):
-        raise ValueError(f"{name}: slot_ids and positions must be [{bsz}]")
-    if slot_ids.dtype.is_floating_point or positions.dtype.is_floating_point:
-        raise ValueError(f"{name}: slot_ids and positions must be integer tensors")
-    if sinks.shape != (nq,) or sinks.dtype != torch.float32:
-        raise ValueError(f"{name}: sinks must be fp32 [{nq}]")
-    if window < 0:
-        raise ValueError(f"{name}: window must be ≥ 0, got {window}")
-    others = (k, v, cos_table, sin_table, k_cache, v_cache, slot_ids, positions, sinks)
-    if any(x.device != q.device for x in others):
+    if any(x.device != q.device for x in (k, v, cos_table, sin_table)):
         raise ValueError(f"{name}: all tensors must be on one device")
 
 

@@ -75,6 +75,12 @@ def test_decode_attention_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="differ"):
         decode_attention(torch.randn(1, 4, 16).half(), kc, vc, torch.tensor([0]),
                          torch.tensor([0]), sinks(4), 0, 0.25)
+    with pytest.raises(ValueError, match="slot_ids and positions must be integer"):
+        decode_attention(torch.randn(1, 4, 16), kc, vc, torch.tensor([0]), torch.tensor([0.0]),
+                         sinks(4), 0, 0.25)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        decode_attention(torch.randn(1, 4, 16), kc, vc, torch.tensor([0]), torch.tensor([0]),
+                         sinks(4), 0, 0.25, block_n=24)
 
 
 # (slot, start position, chunk length) per packed sequence
