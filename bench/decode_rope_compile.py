@@ -33,8 +33,9 @@ def rope_args(cfg: var.DecodeVariant, window: int, cap: int, splits: int,
         PM=f32, PL=f32, PACC=f32, CNT=i32, sq_b=5120, sq_h=64, sk_b=5120, sk_h=64, sv_b=5120,
         sv_h=64, skc_s=cap * 512, skc_c=512, skc_h=64, svc_s=cap * 512, svc_c=512, svc_h=64,
         so_b=4096, so_h=64, CAP=cap, qk_scale=0.18, NQ=64, NKV=8, SPLITS=splits,
-        WINDOW=c(window), G=c(8), G_P=c(16), G_M=c(8), D=c(64), HALF_P=c(32), BLOCK_N=c(cfg.block_n),
-        SPLITS_P=c(sp), MERGE_S=c(min(sp, cfg.merge_splits or var.MERGE_FLOATS // (8 * 64))),
+        WINDOW=c(window), G=c(8), G_P=c(16), G_M=c(8), D=c(64), HALF_P=c(32),
+        BLOCK_N=c(cfg.block_n), SPLITS_P=c(sp),
+        MERGE_S=c(min(sp, cfg.merge_splits or var.MERGE_FLOATS // (8 * 64))),
         KV_TOGETHER=c(cfg.kv_together), PRECISION=c(None), PDL=c(pdl_on),
         SINK_FIRST=c(cfg.sink_first), MERGE_ONCE=c(cfg.merge_once), EARLY_SLOT=c(cfg.early_slot))
 

@@ -11,15 +11,16 @@ It saves rope_cache_write's launch (and its write-then-read of q) on decode-only
 Same grid and split layout as the fused-merge kernel (one program per (row, KV head, split),
 DecodeVariant's launch shape, the last-arriving split merges): every program rotates its G query
 heads in registers, kept as two halves [G, d/2] (rope.py's products and rounding, so q' has its
-bits; no gather of partner elements, which the compiler would issue as scalar loads), and takes
-each key block's scores as q'₁·k₁ᵀ + q'₂·k₂ᵀ (two tensor-core products of depth d/2 into one
-accumulator: the same MMAs as one of depth d; d = 16 pads the halves to depth 16). The cache loop reads keys lo(p) … p − 1 only. The new key is never read from the cache: the split that owns the row's
-last key block (split active − 1) rotates k, folds (k', v) into its online softmax from registers
-(one more key: s = scale·q'·k', p rounded to the value dtype as the loop's dot does) and is the
-one program per (row, KV head) that stores k', v into the cache, with rope.py's rounding (the
-activation dtype, then the cache's), so the cache gets the same bits. No program reads the index
-it writes: on a ring the keys read are > p − W ≥ p − C (capacity C ≥ window W, as
-runtime/kv_cache.py plans it, or p < C), and full layers index by position.
+bits; no gather of partner elements, which the compiler would issue as scalar loads), and takes each
+key block's scores as q'₁·k₁ᵀ + q'₂·k₂ᵀ (two tensor-core products of depth d/2 into one accumulator:
+the same MMAs as one of depth d; d = 16 pads the halves to depth 16). The cache loop reads keys
+lo(p) … p − 1 only. The new key is never read from the cache: the split that owns the row's last key
+block (split active − 1) rotates k, folds (k', v) into its online softmax from registers (one more
+key: s = scale·q'·k', p rounded to the value dtype as the loop's dot does) and is the one program
+per (row, KV head) that stores k', v into the cache, with rope.py's rounding (the activation dtype,
+then the cache's), so the cache gets the same bits. No program reads the index it writes: on a ring
+the keys read are > p − W ≥ p − C (capacity C ≥ window W, as runtime/kv_cache.py plans it, or p <
+C), and full layers index by position.
 
 Rows must target distinct slots, except rows at position 0 (they read no cache key): the
 runtime's decode steps (one token per slot, graph padding on the dummy slot at position 0). Not
@@ -53,7 +54,8 @@ from kernels.rope import rope_cache_write_ref
 
 jit = KernelSet(globals())
 pdl.register(jit)
-for _helper in (_finish, _merge, _merge_once, _split_done):  # decode_variants' helpers, in this set's mode
+# decode_variants' helpers, compiled or interpreted with this set
+for _helper in (_finish, _merge, _merge_once, _split_done):
     jit(_helper)
 
 

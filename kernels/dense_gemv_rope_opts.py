@@ -12,7 +12,8 @@ each step waits ~6 memory round trips. The options take those registers back:
 - epi_late: 0 = positions, slots and table rows read before the loop (as before); 1 = positions
   and slots before, table rows after; 2 = all after (one more round trip in each program's tail).
 
-GPTOSS_ROPE_GEMV=<name of CANDIDATES> picks one for launches that pass none (default: DEFAULT, "tile_late1", timed fastest with tile_late2 on an H100).
+GPTOSS_ROPE_GEMV=<name of CANDIDATES> picks one for launches that pass none (default: DEFAULT,
+"tile_late1", timed fastest with tile_late2 on an H100).
 """
 
 from __future__ import annotations

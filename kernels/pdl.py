@@ -103,5 +103,5 @@ def sectors(row_bytes: int) -> int:
     return triton.next_power_of_2(max(1, triton.cdiv(row_bytes, 32)))
 
 
-__all__ = ["DEFAULT", "ENV", "PREFETCH_ENV", "enabled", "launch_args", "prefetch_rows", "register", "sectors",
-           "set_enabled", "wait_then_release"]
+__all__ = ["DEFAULT", "ENV", "PREFETCH_ENV", "enabled", "launch_args", "prefetch_rows", "register",
+           "sectors", "set_enabled", "wait_then_release"]

@@ -95,16 +95,19 @@ class NormThenOp:
         h, new_residual = self.rmsnorm(x, scale, eps, residual)
         return self.linear(h, w, b), new_residual
 
-    def norm_linear_rope(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
-                         v_cache, config):
+    def norm_linear_rope(  # noqa: ANN001, ANN201 - see Ops
+        self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache, v_cache, config,
+    ):
         qkv, new_residual = self.norm_linear(x, residual, scale, eps, w, b)  # [T, N]
         q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads,
                             config.head_dim)
         q = self.rope_cache_write(q, k, v, cos, sin, batch, k_cache, v_cache)
         return q, new_residual
 
-    def norm_qkv_attention(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
-                           v_cache, sinks, window, attn_scale, config):
+    def norm_qkv_attention(  # noqa: ANN001, ANN201 - see Ops
+        self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache, v_cache, sinks, window,
+        attn_scale, config,
+    ):
         q, new_residual = self.norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch,
                                                 k_cache, v_cache, config)  # [T, nq, d] rotated
         o = self.attention(q, k_cache, v_cache, batch, sinks, window, attn_scale)

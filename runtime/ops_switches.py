@@ -51,7 +51,6 @@ ATTN_WINDOW = "win_bn128"
 ATTN_FULL = "full_bn128_s16_once"
 
 
-
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:

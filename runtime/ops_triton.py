@@ -113,8 +113,9 @@ class TritonOps(NormThenOp):
             return norm_linear_small(x, residual, self._gemv_scale(scale), eps, w, b)
         return super().norm_linear(x, residual, scale, eps, w, b)
 
-    def norm_linear_rope(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
-                         v_cache, config):
+    def norm_linear_rope(  # noqa: ANN001, ANN201 - see Ops
+        self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache, v_cache, config,
+    ):
         # Decode rows (eager or a decode graph's) and graph steps' rows never share a cache
         # target, which the epilogue's unordered stores need (kernels/dense_gemv_rope.py); other
         # steps take the two launches, whose rope_cache_write checks the chunks.
@@ -126,8 +127,10 @@ class TritonOps(NormThenOp):
         return super().norm_linear_rope(x, residual, scale, eps, w, b, cos, sin, batch, k_cache,
                                         v_cache, config)
 
-    def norm_qkv_attention(self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache,  # noqa: ANN001, ANN201 - see Ops
-                           v_cache, sinks, window, attn_scale, config):
+    def norm_qkv_attention(  # noqa: ANN001, ANN201 - see Ops
+        self, x, residual, scale, eps, w, b, cos, sin, batch, k_cache, v_cache, sinks, window,
+        attn_scale, config,
+    ):
         # Decode-only eager or decode-graph steps (one token per slot; graph padding rows on the
         # dummy slot at position 0, which read no cache) within the fused-merge kernel's rows.
         cfg = self._decode_variant(x.shape[0], window)

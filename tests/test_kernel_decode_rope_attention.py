@@ -1,5 +1,6 @@
-"""Decode attention with rope and the K/V cache write in one launch (kernels/decode_rope_attention.py;
-Triton interpreted on CPU tensors, fp32 / fp16: the interpreter's tl.dot on bf16 is wrong).
+"""Decode attention with rope and the K/V cache write in one launch
+(kernels/decode_rope_attention.py; Triton interpreted on CPU tensors, fp32 / fp16: the interpreter's
+tl.dot on bf16 is wrong).
 
 The fused launch must leave the caches with exactly the bits of rope_cache_write and give
 decode_attention's output (same launch shape) to rounding, wherever the new key sits: alone

@@ -1,10 +1,10 @@
-"""The runtime with rope and the K/V cache write fused into the decode attention (TritonOps(rope_attn=
-True), kernels/decode_rope_attention.py) runs the tiny model to the unfused path's greedy tokens,
-hidden states (to fp32 rounding: the new key's score is summed in another order) and caches,
-interpreted on the CPU in float32; the fusion applies exactly on decode-only steps within the
-fused-merge kernel's rows, the qkv projection then being the plain norm_linear; the flag comes
-from GPTOSS_ROPE_ATTN (off by default: timed slower than the GEMV fusion, run 53), turns the
-default GPTOSS_FUSE_ROPE off and excludes it when both are asked for.
+"""The runtime with rope and the K/V cache write fused into the decode attention
+(TritonOps(rope_attn=True), kernels/decode_rope_attention.py) runs the tiny model to the unfused
+path's greedy tokens, hidden states (to fp32 rounding: the new key's score is summed in another
+order) and caches, interpreted on the CPU in float32; the fusion applies exactly on decode-only
+steps within the fused-merge kernel's rows, the qkv projection then being the plain norm_linear; the
+flag comes from GPTOSS_ROPE_ATTN (off by default: timed slower than the GEMV fusion, run 53), turns
+the default GPTOSS_FUSE_ROPE off and excludes it when both are asked for.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ def test_exact_norm_scales_reach_the_gemv_in_the_activation_dtype(
 
 
 def test_fuse_norm_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert switches.FUSE_NORM is True and switches.FUSE_NORM_ROWS == 2  # as timed on the H100 (run 45)
+    # as timed on the H100 (run 45)
+    assert switches.FUSE_NORM is True and switches.FUSE_NORM_ROWS == 2
     monkeypatch.setenv("GPTOSS_FUSE_NORM", "1")
     monkeypatch.setenv("GPTOSS_FUSE_NORM_ROWS", "2")
     ops = TritonOps()
