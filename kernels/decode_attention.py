@@ -24,11 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_variants import DecodeVariant, launch_fused
+from kernels.decode_variants import DecodeVariant, _online_softmax, launch_fused
 from kernels.jit import KernelSet
 from kernels.prefill_attention import attention_core_ref, cached_positions
 
 jit = KernelSet(globals())
+jit(_online_softmax)  # decode_variants' helper, compiled or interpreted with this set
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 
@@ -95,13 +96,9 @@ def _decode_kernel(
         k = tl.load(k_base + idx[:, None] * skc_c + cols[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_P, BLOCK_N] log2
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        ell = ell * alpha + tl.sum(p, axis=1)
+        m, alpha, p, ell = _online_softmax(s, m, ell)
         v = tl.load(v_base + idx[:, None] * svc_c + cols[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
 
     if SPLITS == 1:
         sink = tl.load(SINK + heads, mask=hmask, other=0.0) * 1.4426950408889634

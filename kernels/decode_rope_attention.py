@@ -45,6 +45,7 @@ from kernels.decode_variants import (
     _finish,  # noqa: F401 - _split_done calls them, resolved in this set's copy
     _merge,  # noqa: F401
     _merge_once,  # noqa: F401
+    _online_softmax,
     _split_done,
     fused_launch,
 )
@@ -55,7 +56,7 @@ from kernels.rope import rope_cache_write_ref
 jit = KernelSet(globals())
 pdl.register(jit)
 # decode_variants' helpers, compiled or interpreted with this set
-for _helper in (_finish, _merge, _merge_once, _split_done):
+for _helper in (_finish, _merge, _merge_once, _online_softmax, _split_done):
     jit(_helper)
 
 
@@ -160,15 +161,11 @@ def _rope_decode_kernel(
         sc = tl.dot(qr1, tl.trans(ka), input_precision=PRECISION)  # q'·k in two halves
         sc = tl.dot(qr2, tl.trans(kb), sc, input_precision=PRECISION) * qk_scale  # [G_P, BLOCK_N]
         sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        ell = ell * alpha + tl.sum(p, axis=1)
+        m, alpha, p, ell = _online_softmax(sc, m, ell)
         if not KV_TOGETHER:
             v = tl.load(v_base + idx[:, None].to(tl.int64) * svc_c + cols[None, :],
                         mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
 
     if split == active - 1:  # the owner of key p: write it, then fold it in from registers
         at = (pos % CAP).to(tl.int64)

@@ -140,6 +140,19 @@ def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 @jit
+def _online_softmax(s, m, ell):
+    """One more key block into a running softmax (log2 units): s [G_P, BLOCK_N] the block's
+    scaled scores, −inf where no key; m, ℓ [G_P] the running max and sum, m finite after the
+    block for every row the caller keeps. Returns (m', α, p, ℓ'): m' = max(m, max s),
+    α = 2^(m − m') the factor on the earlier sums, p = 2^(s − m') the block's weights,
+    ℓ' = α·ℓ + Σ p. The caller scales its accumulator by α and adds p·V."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, alpha, p, ell * alpha + tl.sum(p, axis=1)
+
+
+@jit
 def _finish(OUT, o_rows, cols, hmask, sink, m, ell, acc):
     """Output of one split holding all the row's keys: the sink (log2 units) joins the
     denominator."""
@@ -299,15 +312,11 @@ def _fused_decode_kernel(
                         mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_P, BLOCK_N] log2
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        ell = ell * alpha + tl.sum(p, axis=1)
+        m, alpha, p, ell = _online_softmax(s, m, ell)
         if not KV_TOGETHER:
             v = tl.load(v_base + idx[:, None].to(tl.int64) * svc_c + cols[None, :],
                         mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
 
     _split_done(OUT, PM, PL, PACC, CNT, SINK, b, kvh, split, heads, hmask, cols, sink, m, ell,
                 acc, active, so_b, so_h, NQ, NKV, SPLITS, G, G_M, SPLITS_P, MERGE_S, D,
