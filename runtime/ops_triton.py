@@ -133,9 +133,10 @@ class TritonOps(NormThenOp):
     ):
         # Decode-only eager or decode-graph steps (one token per slot; graph padding rows on the
         # dummy slot at position 0, which read no cache) within the fused-merge kernel's rows.
-        cfg = self._decode_variant(x.shape[0], window)
+        # (the config is looked up only then: the default path's attention looks it up itself)
         if (self.rope_attn and batch.decode_only and batch.tile_table is None
-                and cfg is not None and w.dtype == k_cache.dtype):
+                and w.dtype == k_cache.dtype
+                and (cfg := self._decode_variant(x.shape[0], window)) is not None):
             qkv, new_residual = self.norm_linear(x, residual, scale, eps, w, b)  # [T, N]
             q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads,
                                 config.head_dim)
